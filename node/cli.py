@@ -1,0 +1,75 @@
+"""The ``fracnode`` command line.
+
+Each command lives in a module of :mod:`node.commands` that defines
+``register(subparsers) -> None``; the parser it adds sets ``handler`` to a function
+``(args, settings) -> int``. Usage errors, invalid settings and :class:`CliError` exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from node import __version__
+from node.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+# One line per command module; keep the order of `fracnode --help`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "node.commands.config",
+)
+
+
+class CliError(Exception):
+    """A problem the operator can fix (bad path, unreachable peer): printed, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fracnode",
+        description="DICOM node for fracture AI on radiographs. Results are not for diagnostic use.",
+    )
+    parser.add_argument("--version", action="version", version=f"fracnode {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="fracnode.toml to read (default: $FRACNODE_CONFIG, else ./fracnode.toml when present)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings: Settings = load_settings(args.config)
+    except SettingsError as exc:
+        print(f"fracnode: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.logging.level)
+    try:
+        return int(args.handler(args, settings))
+    except CliError as exc:
+        print(f"fracnode: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""One module per ``fracnode`` command (see :mod:`node.cli`)."""

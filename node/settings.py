@@ -1,0 +1,234 @@
+"""The one typed settings object of fracnode.
+
+Built once in ``main()`` from, in increasing precedence: embedded defaults, ``fracnode.toml``
+(path from ``--config`` or ``FRACNODE_CONFIG``; ``./fracnode.toml`` when it exists) and
+``FRACNODE_*`` environment variables (nested keys joined by ``__``, e.g.
+``FRACNODE_DICOM__PORT=11113``). Packages receive their own small config objects built from it;
+nothing else reads the environment.
+
+An invalid value raises :class:`SettingsError` naming the key; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+AE_TITLE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.")
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not 1 <= len(stripped) <= 16 or not set(stripped) <= AE_TITLE_CHARS:
+        raise ValueError("an AE title is 1-16 characters of letters, digits, space, _ - .")
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DicomSettings(_Section):
+    """The C-STORE SCP (PS3.7, PS3.8) and its network security defaults."""
+
+    ae_title: str = "FRACNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    max_pdu_bytes: int = Field(1_048_576, ge=4096, le=16_777_216)
+    max_associations: int = Field(16, ge=1, le=1000)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    # Empty list: any calling AE title.
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    # Empty list: any peer address. The default lets only this machine in.
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+
+class SpoolSettings(_Section):
+    """Where received instances are written before they are acknowledged."""
+
+    directory: Path = Path("var/spool")
+    min_free_bytes: int = Field(2 * 1024**3, ge=0)
+    min_free_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/fracnode.db"
+    busy_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, url: str) -> str:
+        if not url.startswith(("sqlite:///", "postgresql")):
+            raise ValueError("the database URL must start with sqlite:/// or postgresql")
+        return url
+
+
+class AssemblySettings(_Section):
+    """When a study is complete enough to process."""
+
+    quiet_seconds: float = Field(5.0, ge=0.0)
+    poll_seconds: float = Field(0.5, gt=0.0)
+
+
+class RoutingSettings(_Section):
+    # A TOML file whose keyword tables extend the bundled ones (see inference/data/keywords.toml).
+    keywords_file: Path | None = None
+
+
+class PipelineSettings(_Section):
+    stretch: bool = True
+    clahe: bool = False
+    max_pixels: int = Field(100_000_000, ge=1)
+    aggregation: Literal["mean", "max"] = "mean"
+
+
+class ModelSettings(_Section):
+    # None: the bundled default models shipped with the package.
+    directory: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class WorkerSettings(_Section):
+    threads: int = Field(1, ge=0, le=64)  # 0: do not process studies (ingest only)
+    batch_size: int = Field(8, ge=1, le=256)
+    max_attempts: int = Field(3, ge=1)
+
+
+class Destination(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class ExportSettings(_Section):
+    destinations: list[Destination] = Field(default_factory=list)
+    calling_ae_title: str = "FRACNODE"
+    max_attempts: int = Field(8, ge=1)
+    base_delay_s: float = Field(2.0, ge=0.0)
+    max_delay_s: float = Field(300.0, ge=0.0)
+    sc_transfer_syntax: Literal["explicit", "jpeg-ls", "jpeg-baseline"] = "explicit"
+    summary_sc: bool = False
+    gsps: bool = False
+
+    _ae = field_validator("calling_ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class ApiSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: SecretStr | None = None
+
+
+class Hl7Settings(_Section):
+    host: str | None = None  # None: no HL7 messages are sent
+    port: int = Field(2575, ge=1, le=65535)
+    receiving_application: str = "RIS"
+    receiving_facility: str = "HOSPITAL"
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; ``key`` names it as it is written in fracnode.toml."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"invalid setting {key}: {message}")
+        self.key = key
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FRACNODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    dicom: DicomSettings = DicomSettings()
+    spool: SpoolSettings = SpoolSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    assembly: AssemblySettings = AssemblySettings()
+    routing: RoutingSettings = RoutingSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    models: ModelSettings = ModelSettings()
+    worker: WorkerSettings = WorkerSettings()
+    export: ExportSettings = ExportSettings()
+    api: ApiSettings = ApiSettings()
+    hl7: Hl7Settings = Hl7Settings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Build the settings; ``config`` wins over ``FRACNODE_CONFIG`` wins over ``./fracnode.toml``.
+
+    ``environ`` is read for the config path only; pydantic-settings reads ``os.environ`` itself.
+    """
+    env = os.environ if environ is None else environ
+    path = config
+    if path is None and env.get("FRACNODE_CONFIG"):
+        path = Path(env["FRACNODE_CONFIG"])
+    if path is None and Path("fracnode.toml").is_file():
+        path = Path("fracnode.toml")
+    if path is not None and not path.is_file():
+        raise SettingsError("config", f"file {path} does not exist")
+    cls: type[Settings] = Settings
+    if path is not None:
+        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
+    try:
+        return cls()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise SettingsError(key, first["msg"]) from exc
+    except (OSError, ValueError) as exc:  # a TOML syntax error is a ValueError
+        raise SettingsError("config", f"{path}: {exc}") from exc
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The configuration as plain data with secrets masked, for ``fracnode config show``."""
+    data = settings.model_dump(mode="json")
+    data["database"]["url"] = _PASSWORD_IN_URL.sub(r"\1***@", data["database"]["url"])
+    return data
+
+
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@]+:)[^@]*@")
