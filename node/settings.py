@@ -16,7 +16,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -140,17 +148,41 @@ class ExportSettings(_Section):
 
 
 class ApiSettings(_Section):
+    """The HTTP API and ``/metrics`` (node.api). Port 0 picks a free port."""
+
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # Bearer token for every endpoint but /healthz and /readyz; None: no token asked.
     token: SecretStr | None = None
+    # Serve HTTPS when both are set (e.g. mounted from a Kubernetes Secret).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("an API token has at least 16 characters")
+        return token
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("api.tls_cert_file and api.tls_key_file are set together")
+        return self
 
 
 class Hl7Settings(_Section):
+    """HL7 v2.5 ORU^R01 result messages over MLLP to the RIS (node.hl7)."""
+
     host: str | None = None  # None: no HL7 messages are sent
     port: int = Field(2575, ge=1, le=65535)
     receiving_application: str = "RIS"
     receiving_facility: str = "HOSPITAL"
+    sending_application: str = "FRACNODE"
+    sending_facility: str = ""
+    timeout_s: float = Field(10.0, gt=0)  # connect and wait for the ACK
 
 
 class LoggingSettings(_Section):
