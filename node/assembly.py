@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 
 from node.metrics import Metrics
 from storage import repo
-from storage.db import Database, DatabaseError
+from storage.db import Database
+from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class StudyAssembler:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.tick()
-            except DatabaseError as exc:
+            except StorageError as exc:
                 log.error("study assembly pass failed, retrying: %s", exc)
 
     def start(self) -> None:

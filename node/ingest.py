@@ -39,8 +39,9 @@ from node.spool import Spool, SpoolError, SpoolFullError, sha256_hex
 from node.status import StoreStatus
 from node.uids import is_valid_uid
 from storage import repo
-from storage.db import Database, DatabaseError
-from storage.views import AuditRecord, InstanceRecord, RecordOutcome
+from storage.db import Database
+from storage.errors import StorageError
+from storage.views import AuditKind, AuditRecord, InstanceRecord, RecordOutcome
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +230,11 @@ class StoreHandler:
         except SpoolFullError as exc:
             log.error("C-STORE refused: %s -> 0x%04X", exc, StoreStatus.OUT_OF_RESOURCES)
             return StoreStatus.OUT_OF_RESOURCES, "out_of_resources"
-        except (SpoolError, DatabaseError) as exc:
+        except (SpoolError, StorageError) as exc:
             log.error("C-STORE failed: %s -> 0x%04X", exc, StoreStatus.PROCESSING_FAILURE)
             return StoreStatus.PROCESSING_FAILURE, "failed"
         if result.reopened:
-            log.info("late instance re-opened a processed study (revision %d)", result.revision)
+            log.info("a late instance re-opened a processed study (now revision %d)", result.revision)
         return StoreStatus.SUCCESS, {
             RecordOutcome.NEW: "stored",
             RecordOutcome.DUPLICATE: "duplicate",
@@ -265,7 +266,7 @@ class StoreHandler:
         if tally is None:
             return
         self.metrics.associations_active.dec()
-        self._audit("association", tally, outcome)
+        self._audit(AuditKind.ASSOCIATION, tally, outcome)
 
     def handle_rejected(self, event: Any) -> None:
         assoc = event.assoc
@@ -276,10 +277,11 @@ class StoreHandler:
         )
         log.warning("association rejected: calling AE %r from %s", tally.calling_ae, tally.peer)
         self.metrics.associations_rejected.labels(reason="ae_title").inc()
-        self._audit("rejected", tally, "rejected")
+        self._audit(AuditKind.REJECTED, tally, "rejected")
 
-    def _audit(self, kind: str, tally: _AssociationTally, outcome: str) -> None:
-        detail = ",".join(f"0x{status:04X}:{count}" for status, count in sorted(tally.statuses.items()))
+    def _audit(self, kind: AuditKind, tally: _AssociationTally, outcome: str) -> None:
+        statuses = ",".join(f"0x{status:04X}:{count}" for status, count in sorted(tally.statuses.items()))
+        detail = f"replaced={tally.replaced} statuses={statuses}" if statuses else None
         try:
             repo.add_audit(
                 self.db,
@@ -291,11 +293,10 @@ class StoreHandler:
                     at=self.clock(),
                     stored=tally.stored,
                     duplicates=tally.duplicates,
-                    replaced=tally.replaced,
                     failed=tally.failed,
                     outcome=outcome,
                     detail=detail,
                 ),
             )
-        except DatabaseError as exc:
+        except StorageError as exc:
             log.error("could not write the audit record: %s", exc)

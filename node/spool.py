@@ -93,22 +93,8 @@ class Spool:
         """Write ``data`` durably at the instance's path (replacing an older copy atomically)."""
         relative = self.relative_path(study_uid, series_uid, sop_uid)
         self.check_space()
-        final = self.root / relative
         try:
-            created = _make_dirs(final.parent, stop=self.root)
-            fd, tmp_name = tempfile.mkstemp(dir=self._tmp, suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp_name, final)
-            except BaseException:
-                Path(tmp_name).unlink(missing_ok=True)
-                raise
-            _fsync_dir(final.parent)
-            for directory in created:
-                _fsync_dir(directory.parent)
+            write_durably(self.root / relative, data, tmp_dir=self._tmp, stop=self.root)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 free, total = self.disk_usage()
@@ -128,7 +114,27 @@ class Spool:
         return removed
 
 
-def _make_dirs(directory: Path, stop: Path) -> list[Path]:
+def write_durably(final: Path, data: bytes, *, tmp_dir: Path | None = None, stop: Path | None = None) -> None:
+    """Write ``data`` at ``final`` so that after return it survives a crash: temporary file on
+    the same file system, fsync, atomic rename, fsync of the directory (and of every directory
+    created for it). Raises OSError."""
+    created = _make_dirs(final.parent, stop=stop)
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir or final.parent, prefix=".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, final)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+    for directory in created:
+        _fsync_dir(directory.parent)
+
+
+def _make_dirs(directory: Path, stop: Path | None) -> list[Path]:
     """mkdir -p that returns the directories it created, outermost first."""
     missing: list[Path] = []
     current = directory

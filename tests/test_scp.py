@@ -126,7 +126,8 @@ def test_real_cr_files_and_resend_with_different_bytes(node: InProcessNode, rg3_
     assert detail is not None
     assert detail.study.instance_count == 1
     assert len(detail.changes) == 2  # UNCR -> J2KR -> J2KI: same SOP Instance UID, other bytes
-    stored = node.spool.root / detail.instances[0].path
+    (instance,) = repo.study_instances(node.db, str(ds.StudyInstanceUID))
+    stored = node.spool.root / instance.path
     assert dataset_bytes(stored) == dataset_bytes(rg3_files["RG3_J2KI"])
     assert received(node, "stored", "cr") == 1 and received(node, "replaced", "cr") == 2
 

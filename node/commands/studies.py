@@ -57,7 +57,7 @@ def list_studies(args: argparse.Namespace, settings: Settings) -> int:
     for s in studies:
         last = s.last_received_at.isoformat(timespec="seconds")[:19] if s.last_received_at else "-"
         print(
-            f"{s.study_instance_uid:<64}  {s.state:<10} {s.revision:>3} {s.instance_count:>4}  "
+            f"{s.uid:<64}  {s.state:<10} {s.revision:>3} {s.instance_count:>4}  "
             f"{last:<19}  {s.priority or '-'}"
         )
     return 0

@@ -1,0 +1,159 @@
+"""The outbox runner: delivers results persisted in the database, with retries.
+
+Each item is claimed atomically (``storage.repo.claim_outbox``), sent (C-STORE to a DICOM
+destination proposing the object's own transfer syntax, or an HL7 message over MLLP), and
+marked delivered or failed. A failure is retried after an exponential backoff with jitter until
+``max_attempts``, then the item becomes a dead letter (``fracnode outbox list/retry/purge``).
+Warning statuses 0xB000, 0xB006, 0xB007 count as delivered. A restart resumes the outbox: the
+items are rows, not memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from node.export import ExportError, Peer, backoff_delay, send_files
+from node.hl7 import Hl7DeliveryError, send_mllp
+from node.metrics import Metrics
+from node.settings import Destination
+from storage import repo
+from storage.db import Database
+from storage.errors import StorageError
+from storage.views import OutboxKind, OutboxView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    calling_ae_title: str
+    max_attempts: int
+    base_delay_s: float
+    max_delay_s: float
+    max_pdu: int = 1_048_576
+    hl7_host: str | None = None
+    hl7_port: int = 2575
+    hl7_timeout_s: float = 10.0
+    lease_seconds: float = 300.0
+
+
+def peer_for(destination: Destination) -> Peer:
+    context: ssl.SSLContext | None = None
+    if destination.tls:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(destination.tls_ca_file) if destination.tls_ca_file else None
+        )
+        if destination.tls_cert_file is not None:
+            context.load_cert_chain(
+                str(destination.tls_cert_file),
+                str(destination.tls_key_file) if destination.tls_key_file else None,
+            )
+    return Peer(ae_title=destination.ae_title, host=destination.host, port=destination.port, tls=context)
+
+
+class OutboxRunner:
+    def __init__(
+        self,
+        db: Database,
+        peers: Mapping[str, Peer],
+        config: OutboxConfig,
+        metrics: Metrics,
+        *,
+        poll_seconds: float = 1.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.db = db
+        self.peers = dict(peers)
+        self.config = config
+        self.metrics = metrics
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run_once(self, worker_id: str = "outbox") -> bool:
+        item = repo.claim_outbox(self.db, self.clock(), worker_id, self.config.lease_seconds)
+        if item is None:
+            return False
+        status, error = self._deliver(item)
+        now = self.clock()
+        if error is None:
+            repo.outbox_delivered(self.db, item.id, status, now)
+            self.metrics.export_attempt(item.destination, sent=True)
+            return True
+        attempt = item.attempts  # the claim counted this attempt
+        will_retry = attempt < self.config.max_attempts
+        next_at = None
+        if will_retry:
+            delay = backoff_delay(attempt, self.config.base_delay_s, self.config.max_delay_s, self.rng)
+            next_at = now + timedelta(seconds=delay)
+        repo.outbox_failed(self.db, item.id, status, error[:500], now, next_at)
+        self.metrics.export_attempt(item.destination, sent=False, will_retry=will_retry)
+        log.warning(
+            "delivery of item %d to %s failed (attempt %d of %d): %s%s",
+            item.id, item.destination, attempt, self.config.max_attempts, error,
+            "" if will_retry else " -> dead letter",
+        )
+        return True
+
+    def _deliver(self, item: OutboxView) -> tuple[int | None, str | None]:
+        path = Path(item.payload_path)
+        if not path.is_file():
+            return None, f"payload {path} is missing"
+        if item.kind == OutboxKind.HL7:
+            if self.config.hl7_host is None:
+                return None, "no HL7 endpoint configured (hl7.host)"
+            try:
+                with self.metrics.time_stage("send"):
+                    send_mllp(self.config.hl7_host, self.config.hl7_port, path.read_text("utf-8"), self.config.hl7_timeout_s)
+            except Hl7DeliveryError as exc:
+                return None, str(exc)
+            return 0, None
+        peer = self.peers.get(item.destination)
+        if peer is None:
+            return None, f"destination {item.destination!r} is not configured"
+        try:
+            with self.metrics.time_stage("send"):
+                (outcome,) = send_files(
+                    peer, [path], calling_ae=self.config.calling_ae_title,
+                    priority=item.dimse_priority, max_pdu=self.config.max_pdu,
+                )
+        except ExportError as exc:
+            return None, str(exc)
+        if outcome.delivered:
+            return outcome.status, None
+        return outcome.status, outcome.error or f"status 0x{(outcome.status or 0):04X}"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except StorageError as exc:
+                log.error("outbox: database unavailable, retrying: %s", exc)
+                busy = False
+            if not busy:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
