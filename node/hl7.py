@@ -13,8 +13,9 @@ Message layout (HL7 v2.5 chapter 7, ORU^R01 structure ``ORU_R01``; original-mode
   identifiers; the RIS matches the result on the accession number and the Study Instance UID.
 - ``OBR``: OBR-3 filler order number and OBR-18 placer field 1 = Accession Number (0008,0050)
   (OBR-18 is where IHE Radiology carries it), OBR-4 ``FRACTURE-AI^Fracture AI triage^99FRN``,
-  OBR-7/OBR-22 result time, OBR-24 ``RAD``, OBR-25 ``F`` for revision 0 and ``C`` (corrected)
-  for later revisions.
+  OBR-7/OBR-22 result time, OBR-24 ``RAD``, OBR-25 ``F`` for the first result of a study and
+  ``C`` (corrected) when it replaces one already sent (by default: revision > 1, as storage
+  numbers revisions from 1; the caller may say so explicitly with ``corrected``).
 - ``NTE`` under OBR: "Not for diagnostic use" disclaimer.
 - ``TQ1``: TQ1-9 priority from HL7 table 0485 (``S`` stat for URGENT, ``A`` ASAP for REVIEW,
   ``R`` routine otherwise), so a RIS that sorts on order priority sees the signal.
@@ -104,8 +105,13 @@ def build_oru(
     control_id: str,
     sending_facility: str = "",
     timestamp: datetime | None = None,
+    corrected: bool | None = None,
 ) -> hl7.Message:
-    """The ORU^R01 of one study result revision (layout in the module docstring)."""
+    """The ORU^R01 of one study result revision (layout in the module docstring).
+
+    ``corrected``: whether an earlier result of this study was already sent (result status C
+    instead of F); ``None`` derives it from the revision (revisions start at 1).
+    """
     if not control_id or len(control_id) > 20 or not control_id.isascii() or any(
         c in control_id for c in "|^~\\&\r\n"
     ):
@@ -113,7 +119,9 @@ def build_oru(
     if not result.study_instance_uid:
         raise Hl7BuildError("the study result has no Study Instance UID")
     when = hl7_timestamp(timestamp or datetime.now(UTC))
-    status = "F" if result.revision == 0 else "C"
+    if corrected is None:
+        corrected = result.revision > 1
+    status = "C" if corrected else "F"
     accession = accession_number or ""
 
     message = hl7.Message("\r")

@@ -77,7 +77,7 @@ def group_result(
     )
 
 
-def urgent_study(revision: int = 0) -> StudyResult:
+def urgent_study(revision: int = 1) -> StudyResult:
     return StudyResult(
         study_instance_uid=STUDY_UID,
         revision=revision,
@@ -95,7 +95,12 @@ def urgent_study(revision: int = 0) -> StudyResult:
     )
 
 
-def oru(result: StudyResult, accession: str | None = "ACC-2024&0042", control_id: str = "OUT000017") -> str:
+def oru(
+    result: StudyResult,
+    accession: str | None = "ACC-2024&0042",
+    control_id: str = "OUT000017",
+    corrected: bool | None = None,
+) -> str:
     message = build_oru(
         result,
         accession_number=accession,
@@ -105,6 +110,7 @@ def oru(result: StudyResult, accession: str | None = "ACC-2024&0042", control_id
         control_id=control_id,
         sending_facility="RADIOLOGY",
         timestamp=WHEN,
+        corrected=corrected,
     )
     return str(message)
 
@@ -191,15 +197,19 @@ def test_revision_is_a_correction_and_priority_maps_to_tq1() -> None:
     assert msg["TQ1.9.1.1"] == "R"
     assert {obx.extract_field(field_num=11) for obx in msg.segments("OBX")} == {"C"}
     assert msg.segments("OBX")(2).extract_field(field_num=5, component_num=1) == "routine"
-    review = StudyResult(STUDY_UID, 0, routine.groups, (), Priority.REVIEW, 0.4)
+    review = StudyResult(STUDY_UID, 1, routine.groups, (), Priority.REVIEW, 0.4)
     assert hl7.parse(oru(review))["TQ1.9.1.1"] == "A"
+    assert hl7.parse(oru(review))["OBR.25"] == "F"
+    # revision 2 whose revision 1 was superseded before any result went out: still final
+    assert hl7.parse(oru(routine, corrected=False))["OBR.25"] == "F"
+    assert hl7.parse(oru(review, corrected=True))["OBR.25"] == "C"
 
 
 def test_not_analysed_study_carries_its_reason_and_no_score() -> None:
     reason = "region other: CHEST"
     routing = Routing(Region.OTHER, RegionSource.BODY_PART, 1.0, None, None, None, False, reason)
     image = ImageResult(sop_instance_uid="1.2.3.4.5", frame=0, routing=routing, probability=None)
-    result = StudyResult(STUDY_UID, 0, (), (image,), Priority.NOT_ANALYSED, None)
+    result = StudyResult(STUDY_UID, 1, (), (image,), Priority.NOT_ANALYSED, None)
     msg = hl7.parse(oru(result))
     codes = [obx.extract_field(field_num=3, component_num=1) for obx in msg.segments("OBX")]
     assert codes == ["113014", "PRIORITY"]
