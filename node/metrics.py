@@ -133,8 +133,10 @@ class Metrics:
 
     Set by :meth:`refresh` from values the node reads periodically from the database and disk:
 
-    - ``queue_depth`` gauge ``fracnode_queue_depth_studies{state}`` (states of the study queue).
-    - ``outbox_pending`` gauge ``fracnode_outbox_pending_items{destination}``.
+    - ``queue_depth`` gauge ``fracnode_queue_jobs{state}``: processing jobs per state (pending,
+      running, done, failed, dead, superseded; ``storage.repo.queue_depth``).
+    - ``outbox_depth`` gauge ``fracnode_outbox_items{state}``: outbox items per state (pending,
+      sending, delivered, dead; ``storage.repo.outbox_depth``).
     - ``spool_free_bytes`` / ``spool_capacity_bytes`` gauges ``fracnode_spool_free_bytes``,
       ``fracnode_spool_capacity_bytes``.
     - ``last_refresh`` gauge ``fracnode_last_refresh_timestamp_seconds``.
@@ -223,10 +225,10 @@ class Metrics:
             ["destination"], registry=r,
         )
         self.queue_depth = Gauge(
-            "fracnode_queue_depth_studies", "Studies in the queue by state", ["state"], registry=r
+            "fracnode_queue_jobs", "Processing jobs by state", ["state"], registry=r
         )
-        self.outbox_pending = Gauge(
-            "fracnode_outbox_pending_items", "Deliveries waiting in the outbox", ["destination"], registry=r
+        self.outbox_depth = Gauge(
+            "fracnode_outbox_items", "Outbox deliveries by state", ["state"], registry=r
         )
         self.spool_free_bytes = Gauge(
             "fracnode_spool_free_bytes", "Free bytes on the spool's file system", registry=r
@@ -250,7 +252,7 @@ class Metrics:
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
-        self._gauge_labels: dict[str, set[str]] = {"state": set(), "destination": set()}
+        self._states: dict[int, set[str]] = {}
 
     # -- helpers that read better than the raw calls -------------------------------------------
     def observe_stage(self, stage: Stage, seconds: float) -> None:
@@ -301,26 +303,27 @@ class Metrics:
         self,
         *,
         queue_depth: Mapping[str, int],
-        outbox_pending: Mapping[str, int],
+        outbox_depth: Mapping[str, int],
         spool_free_bytes: int,
         spool_capacity_bytes: int,
         now: float | None = None,
     ) -> None:
-        """Set the gauges read from the database and disk. A state or destination that was
+        """Set the gauges read from the database and disk. A state that was
         reported before and is absent now is set to 0 rather than left at its last value."""
-        self._set_all(self.queue_depth, "state", queue_depth)
-        self._set_all(self.outbox_pending, "destination", outbox_pending)
+        self._set_all(self.queue_depth, queue_depth)
+        self._set_all(self.outbox_depth, outbox_depth)
         self.spool_free_bytes.set(spool_free_bytes)
         self.spool_capacity_bytes.set(spool_capacity_bytes)
         self.last_refresh.set(time.time() if now is None else now)
 
-    def _set_all(self, gauge: Gauge, label: str, values: Mapping[str, int]) -> None:
-        seen = self._gauge_labels[label]
-        for key in seen - set(values):
-            gauge.labels(**{label: key}).set(0)
-        for key, value in values.items():
-            gauge.labels(**{label: str(key)}).set(value)
-        seen.update(str(key) for key in values)
+    def _set_all(self, gauge: Gauge, values: Mapping[str, int]) -> None:
+        seen = self._states.setdefault(id(gauge), set())
+        current = {str(key): value for key, value in values.items()}
+        for state in seen - set(current):
+            gauge.labels(state=state).set(0)
+        for state, value in current.items():
+            gauge.labels(state=state).set(value)
+        seen.update(current)
 
 
 _SUFFIXES: Final[dict[str, tuple[str, ...]]] = {
