@@ -91,7 +91,8 @@ class Metrics:
     - ``instances_received`` counter ``fracnode_instances_received_total{sop_class, outcome}``:
       ``sop_class`` from :func:`sop_class_label`; ``outcome`` one of stored, duplicate, replaced,
       rejected, out_of_resources, failed.
-    - ``bytes_received`` counter ``fracnode_received_bytes_total``: dataset bytes stored.
+    - ``bytes_received`` counter ``fracnode_received_bytes_total``: dataset bytes of accepted
+      C-STOREs (duplicates included).
     - ``store_seconds`` histogram ``fracnode_cstore_handling_seconds``: C-STORE handler time.
     - ``associations_active`` gauge ``fracnode_associations_active``.
     - ``associations_rejected`` counter ``fracnode_associations_rejected_total{reason}``:
@@ -159,7 +160,7 @@ class Metrics:
             ["sop_class", "outcome"], registry=r,
         )
         self.bytes_received = Counter(
-            "fracnode_received_bytes", "Dataset bytes received and stored", registry=r
+            "fracnode_received_bytes", "Dataset bytes of accepted C-STOREs", registry=r
         )
         self.store_seconds = Histogram(
             "fracnode_cstore_handling_seconds", "Time to handle one C-STORE request",
