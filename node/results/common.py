@@ -1,0 +1,132 @@
+"""What the SR, the Secondary Captures and the GSPS share: wording, series numbers, equipment, errors.
+
+Error tree (all carry ``study_instance_uid``)::
+
+    ResultBuildError(Exception)          a result cannot be turned into DICOM objects
+    ├── MissingSourceError               an image result names a SOP Instance UID not in ``sources``
+    └── NothingToReportError             the result references no image at all
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from highdicom import ContributingEquipment
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from inference.modelcard import ModelCard, ModelKind
+from inference.values import ImageResult, StudyResult
+
+MANUFACTURER = "fracnode"
+SERIES_DESCRIPTION = "AI fracture analysis \u2014 not for diagnostic use"
+SC_FOOTER = "AI result \u2014 not for diagnostic use"
+# UTF-8: the em dash above is outside ISO-IR 6 (PS3.5 6.1.2.5.2; "ISO_IR 192" is UTF-8).
+CHARACTER_SET = "ISO_IR 192"
+
+# Fixed series numbers, high so PACS viewers list the AI series after the acquired ones.
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+GSPS_SERIES_NUMBER = 9903
+
+
+class ResultBuildError(Exception):
+    """A study result cannot be turned into DICOM objects."""
+
+    def __init__(self, message: str, *, study_instance_uid: str) -> None:
+        super().__init__(message)
+        self.study_instance_uid = study_instance_uid
+
+
+class MissingSourceError(ResultBuildError):
+    """An image result names a source instance that the caller did not pass in ``sources``."""
+
+    def __init__(self, *, study_instance_uid: str, sop_instance_uid: str) -> None:
+        super().__init__(
+            f"no source dataset for instance {sop_instance_uid}", study_instance_uid=study_instance_uid
+        )
+        self.sop_instance_uid = sop_instance_uid
+
+
+class NothingToReportError(ResultBuildError):
+    """The result references no image: there is nothing to attach a report to."""
+
+
+def all_images(result: StudyResult) -> tuple[ImageResult, ...]:
+    """Every image result of the study: per group in group order, then the unrouted ones."""
+    return tuple(image for group in result.groups for image in group.images) + result.not_analysed
+
+
+def source_of(result: StudyResult, sources: Mapping[str, Dataset], sop_instance_uid: str) -> Dataset:
+    try:
+        return sources[sop_instance_uid]
+    except KeyError as exc:
+        raise MissingSourceError(
+            study_instance_uid=result.study_instance_uid, sop_instance_uid=sop_instance_uid
+        ) from exc
+
+
+def evidence_of(result: StudyResult, sources: Mapping[str, Dataset]) -> list[Dataset]:
+    """The source datasets the result refers to, each once, in first-mention order."""
+    seen: dict[str, Dataset] = {}
+    for image in all_images(result):
+        if image.sop_instance_uid not in seen:
+            seen[image.sop_instance_uid] = source_of(result, sources, image.sop_instance_uid)
+    if not seen:
+        raise NothingToReportError(
+            "the result references no source image", study_instance_uid=result.study_instance_uid
+        )
+    return list(seen.values())
+
+
+def unique_cards(cards: Iterable[ModelCard]) -> list[ModelCard]:
+    """Model cards once each (by device UID), in first-seen order."""
+    seen: dict[str, ModelCard] = {}
+    for card in cards:
+        seen.setdefault(card.device_uid, card)
+    return list(seen.values())
+
+
+def model_equipment(cards: Sequence[ModelCard]) -> list[ContributingEquipment]:
+    """One Contributing Equipment item per model, as IHE AI Results asks.
+
+    Purpose of reference DCM 109102 "Processing Equipment"; the model's name as the model name,
+    its version as the software version, and its Device UID (0018,1002), which changes with every
+    version of the model.
+    """
+    items: list[ContributingEquipment] = []
+    for card in unique_cards(cards):
+        item = ContributingEquipment(
+            manufacturer=card.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=card.name,
+            software_versions=card.version,
+            contribution_description=f"{card.kind} ({card.architecture})"[:1024],
+        )
+        item.DeviceUID = card.device_uid
+        items.append(item)
+    return items
+
+
+def frame_numbers(source: Dataset, frame: int) -> list[int] | None:
+    """1-based Referenced Frame Number for a multi-frame source; None for a single-frame one."""
+    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+        return [frame + 1]
+    return None
+
+
+def classifier_of(cards: Sequence[ModelCard]) -> ModelCard | None:
+    """The model whose probability decides a group's outcome: its classifier, else its first."""
+    return _first_of(cards, ModelKind.CLASSIFIER)
+
+
+def detector_of(cards: Sequence[ModelCard]) -> ModelCard | None:
+    """The model whose boxes a group reports: its detector, else its first."""
+    return _first_of(cards, ModelKind.DETECTOR)
+
+
+def _first_of(cards: Sequence[ModelCard], kind: ModelKind) -> ModelCard | None:
+    for card in cards:
+        if card.kind == kind:
+            return card
+    return cards[0] if cards else None
