@@ -135,7 +135,10 @@ def windowed(ds: Dataset) -> NDArray[np.float32]:
     """The frame as the node's imaging stage hands it over: float32 in [0, 1], MONOCHROME2."""
     pixels = ds.pixel_array.astype(np.float32)
     low, high = float(pixels.min()), float(pixels.max())
-    return ((pixels - low) / max(high - low, 1.0)).astype(np.float32)
+    scaled = (pixels - low) / max(high - low, 1.0)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return scaled.astype(np.float32)
 
 
 def frames_of(sources: Sequence[Dataset]) -> dict[tuple[str, int], NDArray[np.float32]]:
