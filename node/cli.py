@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 
 # One line per command module; keep the order of `fracnode --help`.
 COMMAND_MODULES: tuple[str, ...] = (
+    "node.commands.serve",
+    "node.commands.dicom_tools",
+    "node.commands.studies",
+    "node.commands.evaluate",
+    "node.commands.explain",
+    "node.commands.train",
+    "node.commands.calibrate",
+    "node.commands.models",
     "node.commands.config",
 )
 

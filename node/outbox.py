@@ -85,7 +85,7 @@ class OutboxRunner:
         self._wake.set()
 
     def run_once(self, worker_id: str = "outbox") -> bool:
-        item = repo.claim_outbox(self.db, self.clock(), worker_id, self.config.lease_seconds)
+        item = repo.claim_outbox(self.db, self.clock(), worker_id, lease_seconds=self.config.lease_seconds)
         if item is None:
             return False
         status, error = self._deliver(item)

@@ -227,17 +227,16 @@ class DicomServer:
         )
         server.allowed_networks = networks
         server.on_refused = refused
+        # What AE.start_server does for the servers it makes, so AE.shutdown() stops this one too.
+        self.ae._servers.append(server)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-server", daemon=True)
         self._thread.start()
         log.info("DICOM server %s listening on %s:%d", cfg.ae_title, cfg.host, self.port)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self.ae.shutdown()  # shuts the server down, closes its socket, ends open associations
+        self._server = None
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self.ae.shutdown()

@@ -8,7 +8,9 @@ receive (``node.scp``/``node.ingest``) -> assemble (``node.assembly``) -> proces
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,17 +19,35 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from inference.routing import load_keywords
+from node import __version__
+from node.analysis import AnalysisConfig
+from node.api import ApiServer
 from node.assembly import StudyAssembler
 from node.ingest import StoreHandler
 from node.metrics import Metrics
+from node.modelset import ModelSet, load_model_set
+from node.outbox import OutboxConfig, OutboxRunner, peer_for
+from node.outputs import OutputConfig
 from node.scp import DicomServer, ScpConfig
+from node.commands.studies import open_database
 from node.settings import Settings
 from node.spool import Spool, SpoolConfig
+from node.worker import StudyProcessor, WorkerConfig, WorkerPool, results_directory
 from storage import repo
 from storage.config import StorageConfig
 from storage.db import Database
+from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
+
+
+def _reachable(host: str, port: int, timeout: float = 2.0) -> bool | str:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError as exc:
+        return f"unreachable: {exc.strerror or exc}"
 
 
 def storage_config(settings: Settings) -> StorageConfig:
@@ -55,10 +75,45 @@ def scp_config(settings: Settings) -> ScpConfig:
     )
 
 
-def open_database(settings: Settings) -> Database:
-    db = Database(storage_config(settings))
-    db.create_all()
-    return db
+def analysis_config(settings: Settings) -> AnalysisConfig:
+    p = settings.pipeline
+    return AnalysisConfig(
+        max_pixels=p.max_pixels,
+        aggregation=p.aggregation,
+        batch_size=settings.worker.batch_size,
+        stretch=p.stretch,
+        clahe=p.clahe,
+    )
+
+
+def output_config(settings: Settings) -> OutputConfig:
+    return OutputConfig(
+        directory=results_directory(Path(settings.spool.directory)),
+        software_version=__version__,
+        destinations=tuple(d.name for d in settings.export.destinations),
+        sc_transfer_syntax=settings.export.sc_transfer_syntax,
+        hl7_destination="hl7" if settings.hl7.host else None,
+    )
+
+
+def outbox_config(settings: Settings) -> OutboxConfig:
+    e = settings.export
+    return OutboxConfig(
+        calling_ae_title=e.calling_ae_title,
+        max_attempts=e.max_attempts,
+        base_delay_s=e.base_delay_s,
+        max_delay_s=e.max_delay_s,
+        max_pdu=settings.dicom.max_pdu_bytes,
+        hl7_host=settings.hl7.host,
+        hl7_port=settings.hl7.port,
+        hl7_timeout_s=settings.hl7.timeout_s,
+    )
+
+
+def load_models(settings: Settings) -> ModelSet:
+    return load_model_set(settings.models.directory, device=settings.models.device)
+
+
 
 
 @dataclass
@@ -72,6 +127,10 @@ class Node:
     metrics: Metrics = field(init=False)
     server: DicomServer = field(init=False)
     assembler: StudyAssembler = field(init=False)
+    models: ModelSet = field(init=False)
+    workers: WorkerPool | None = field(init=False, default=None)
+    outbox: OutboxRunner = field(init=False)
+    api: ApiServer | None = field(init=False, default=None)
     _extras: list[Any] = field(default_factory=list)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -82,11 +141,73 @@ class Node:
         self.spool = Spool(spool_config(s))
         handler = StoreHandler(self.spool, self.db, self.metrics)
         self.server = DicomServer(scp_config(s), handler, self.metrics)
+        self.metrics.build_info.info({"version": __version__})
+        self.models = load_models(s) if s.worker.threads > 0 else ModelSet()
+        self.metrics.set_models(self.models.cards())
+        self.outbox = OutboxRunner(
+            self.db,
+            {d.name: peer_for(d) for d in s.export.destinations},
+            outbox_config(s),
+            self.metrics,
+        )
+        if s.worker.threads > 0:
+            processor = StudyProcessor(
+                self.db,
+                self.spool,
+                self.models,
+                load_keywords(s.routing.keywords_file),
+                analysis_config(s),
+                output_config(s),
+                self.metrics,
+                WorkerConfig(
+                    threads=s.worker.threads,
+                    hl7_sending_application=s.hl7.sending_application,
+                    hl7_receiving_application=s.hl7.receiving_application,
+                    hl7_receiving_facility=s.hl7.receiving_facility,
+                ),
+                on_outbox=self.outbox.wake,
+            )
+            self.workers = WorkerPool(processor, s.worker.threads, idle_poll_s=1.0, name=f"worker-{os.getpid()}")
         self.assembler = StudyAssembler(
             self.db,
             self.metrics,
             quiet_seconds=s.assembly.quiet_seconds,
             poll_seconds=s.assembly.poll_seconds,
+            on_ready=self.workers.wake if self.workers is not None else (lambda: None),
+        )
+        if s.api.enabled:
+            token = s.api.token.get_secret_value() if s.api.token is not None else None
+            self.api = ApiServer(
+                db=self.db,
+                metrics=self.metrics,
+                readiness=self.readiness,
+                token=token,
+                host=s.api.host,
+                port=s.api.port,
+            )
+
+    def readiness(self) -> dict[str, bool | str]:
+        """What /readyz reports: database, spool, models, destinations."""
+        checks: dict[str, bool | str] = {}
+        try:
+            repo.queue_depth(self.db)
+            checks["database"] = True
+        except StorageError as exc:
+            checks["database"] = f"unavailable: {exc}"
+        checks["spool"] = True if not self.spool.below_watermark() else "below the free-space watermark"
+        if self.settings.worker.threads > 0:
+            checks["models"] = True if self.models.available else "no fracture model installed"
+        for name, peer in self.outbox.peers.items():
+            checks[f"destination:{name}"] = _reachable(peer.host, peer.port)
+        return checks
+
+    def refresh_metrics(self) -> None:
+        free, total = self.spool.disk_usage()
+        self.metrics.refresh(
+            queue_depth=repo.queue_depth(self.db),
+            outbox_pending=repo.outbox_depth(self.db),
+            spool_free_bytes=free,
+            spool_capacity_bytes=total,
         )
 
     def start(self) -> None:
@@ -96,14 +217,37 @@ class Node:
         resumed = repo.resume_interrupted(self.db, datetime.now(UTC))
         if resumed:
             log.info("resumed %d interrupted jobs", resumed)
+        resent = repo.resume_outbox(self.db, datetime.now(UTC))
+        if resent:
+            log.info("resumed %d interrupted deliveries", resent)
         self.server.start()
         self.assembler.start()
+        if self.workers is not None:
+            self.workers.start()
+        self.outbox.start()
+        if self.api is not None:
+            self.api.start()
+            log.info("HTTP API on http://%s:%d", self.settings.api.host, self.api.port)
+        self._refresher = threading.Thread(target=self._refresh_loop, name="metrics-refresh", daemon=True)
+        self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stopped.wait(5.0):
+            try:
+                self.refresh_metrics()
+            except (StorageError, OSError) as exc:
+                log.warning("metrics refresh failed: %s", exc)
 
     def stop(self) -> None:
+        self.server.stop()
         self.assembler.stop()
+        if self.workers is not None:
+            self.workers.stop()
+        self.outbox.stop()
+        if self.api is not None:
+            self.api.stop()
         for extra in reversed(self._extras):
             extra.stop()
-        self.server.stop()
         self.db.dispose()
         self._stopped.set()
 

@@ -122,6 +122,7 @@ class StudyProcessor:
             score=result.score,
             outcome_json=json.dumps(record),
             groups=tuple(str(g.group) for g in result.groups),
+            outbox=list(written.outbox),
         )
         if not applied:
             log.info("result of revision %d superseded by newer instances", job.revision)
@@ -132,7 +133,6 @@ class StudyProcessor:
         if not result.groups:
             self.metrics.study_not_analysed(_reason_label(result))
         if written.outbox:
-            repo.enqueue_outbox(self.db, list(written.outbox))
             self.on_outbox()
         log.info(
             "study processed: revision %d, priority %s, %d groups, %d objects",

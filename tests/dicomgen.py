@@ -224,7 +224,7 @@ def encode(ds: Dataset, syntax: UID) -> Dataset:
         kwargs["jls_error"] = 2
     if syntax == JPEG2000:
         kwargs["j2k_cr"] = [20]
-    out.compress(syntax, **kwargs)  # type: ignore[arg-type]
+    out.compress(syntax, generate_instance_uid=False, **kwargs)  # type: ignore[arg-type]
     return out
 
 

@@ -69,10 +69,25 @@ def collect_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM file (PS3.10): 128-byte preamble then "DICM"."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
 def run_send(args: argparse.Namespace, settings: Settings) -> int:
-    files = collect_files(args.paths)
+    files = []
+    for path in collect_files(args.paths):
+        if is_dicom_file(path):
+            files.append(path)
+        else:
+            print(f"skipped         {path}  (not a DICOM file)")
     if not files:
-        raise CliError("no files to send")
+        raise CliError("no DICOM files to send")
     peer = Peer(
         ae_title=args.called_ae or settings.dicom.ae_title,
         host=args.host or settings.dicom.host,

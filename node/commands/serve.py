@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from node.service import Node
 from node.settings import Settings
 
 
@@ -14,5 +13,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
+    from node.service import Node  # the whole node (and torch) loads only for this command
+
     Node(settings).serve_forever()
     return 0
