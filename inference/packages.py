@@ -1,0 +1,239 @@
+"""Model packages: a directory holding the weight files and ``model.json``, the model card.
+
+``model.json`` is the :class:`~inference.modelcard.ModelCard` as JSON, with the sha256 of every
+weight file. The node verifies the checksums before it loads a package and refuses one that
+fails. Every written version gets a new device UID (``2.25.`` + the integer of a UUID4,
+PS3.5 B.2), as IHE AI Results asks.
+
+Errors::
+
+    PackageError            no model.json, unreadable or invalid card, a missing weight file
+      ChecksumError         a weight file whose sha256 differs from the card's
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from inference.modelcard import ModelCard, ModelKind, OperatingPoint
+from inference.regions import AnatomicalGroup, Region
+
+CARD_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+class PackageError(Exception):
+    """A model package that cannot be used; ``path`` names the package."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message if path is None else f"{path}: {message}")
+        self.path = path
+
+
+class ChecksumError(PackageError):
+    """A weight file changed after the package was written (or was replaced)."""
+
+    def __init__(self, message: str, path: Path, file: str) -> None:
+        super().__init__(message, path)
+        self.file = file
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPackage:
+    path: Path
+    card: ModelCard
+
+    def weight_path(self, name: str | None = None) -> Path:
+        """The path of weight file ``name`` (default: the only or first one in the card)."""
+        if name is None:
+            if not self.card.weights:
+                raise PackageError("the card lists no weight file", self.path)
+            name = next(iter(self.card.weights))
+        return self.path / name
+
+
+def new_device_uid() -> str:
+    """A DICOM UID under the UUID root 2.25 (PS3.5 B.2); unique per package version."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def card_to_dict(card: ModelCard) -> dict[str, Any]:
+    data: dict[str, Any] = {"format_version": FORMAT_VERSION}
+    for f in fields(card):
+        value = getattr(card, f.name)
+        if f.name == "operating_points":
+            value = [
+                {
+                    "name": p.name,
+                    "threshold": p.threshold,
+                    "sensitivity": p.sensitivity,
+                    "specificity": p.specificity,
+                    "sensitivity_ci": list(p.sensitivity_ci),
+                    "specificity_ci": list(p.specificity_ci),
+                }
+                for p in value
+            ]
+        elif f.name == "regions":
+            value = [str(r) for r in value]
+        elif f.name in ("kind", "group"):
+            value = None if value is None else str(value)
+        data[f.name] = value
+    return data
+
+
+def card_from_dict(data: Mapping[str, Any], path: Path | None = None) -> ModelCard:
+    """Parse a card; unknown keys are ignored so newer cards still load."""
+    try:
+        points = tuple(
+            OperatingPoint(
+                name=str(p["name"]),
+                threshold=float(p["threshold"]),
+                sensitivity=float(p["sensitivity"]),
+                specificity=float(p["specificity"]),
+                sensitivity_ci=(float(p["sensitivity_ci"][0]), float(p["sensitivity_ci"][1])),
+                specificity_ci=(float(p["specificity_ci"][0]), float(p["specificity_ci"][1])),
+            )
+            for p in data.get("operating_points", [])
+        )
+        group = data.get("group")
+        return ModelCard(
+            name=str(data["name"]),
+            version=str(data["version"]),
+            device_uid=str(data["device_uid"]),
+            kind=ModelKind(data["kind"]),
+            architecture=str(data["architecture"]),
+            group=None if group is None else AnatomicalGroup(group),
+            regions=tuple(Region(r) for r in data.get("regions", [])),
+            input_size=int(data["input_size"]),
+            preprocessing=dict(data.get("preprocessing", {})),
+            temperature=float(data.get("temperature", 1.0)),
+            operating_points=points,
+            training_data=dict(data.get("training_data", {})),
+            validation_metrics=dict(data.get("validation_metrics", {})),
+            created=str(data.get("created", "")),
+            weights={str(k): str(v) for k, v in dict(data.get("weights", {})).items()},
+            manufacturer=str(data.get("manufacturer", "fracnode")),
+            notes=str(data.get("notes", "")),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise PackageError(f"invalid {CARD_FILE}: {exc!r}", path) from exc
+
+
+def read_package(path: Path) -> ModelPackage:
+    """Parse ``model.json`` of the package at ``path``; checksums are not checked."""
+    card_path = path / CARD_FILE
+    if not card_path.is_file():
+        raise PackageError(f"no {CARD_FILE}", path)
+    try:
+        data = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"cannot read {CARD_FILE}: {exc}", path) from exc
+    if not isinstance(data, dict):
+        raise PackageError(f"{CARD_FILE} is not a JSON object", path)
+    return ModelPackage(path=path, card=card_from_dict(data, path))
+
+
+def verify_package(path: Path) -> ModelPackage:
+    """Read the package and check the sha256 of every weight file against the card."""
+    package = read_package(path)
+    if not package.card.weights:
+        raise PackageError("the card lists no weight file", path)
+    for name, expected in package.card.weights.items():
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise PackageError(f"weight file name {name!r} leaves the package", path)
+        if not file.is_file():
+            raise PackageError(f"weight file {name} is missing", path)
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ChecksumError(
+                f"weight file {name} fails its checksum (sha256 {actual[:12]}..., card {expected[:12]}...)",
+                path,
+                name,
+            )
+    return package
+
+
+def write_package(directory: Path, card: ModelCard, weights: Mapping[str, Path]) -> ModelPackage:
+    """Write a package: copy the weight files in (unless already there), hash them, write the card.
+
+    The card's ``weights`` is replaced by the hashes of ``weights``; a blank ``device_uid`` or
+    ``created`` is filled in. ``model.json`` is written last, through a temporary file, so a
+    crash never leaves a card that names weights that are not there yet.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    hashes: dict[str, str] = {}
+    for name, source in weights.items():
+        if Path(name).name != name:
+            raise PackageError(f"weight file name {name!r} must be a plain file name", directory)
+        target = directory / name
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        hashes[name] = sha256_file(target)
+    card = replace(
+        card,
+        weights=hashes,
+        device_uid=card.device_uid or new_device_uid(),
+        created=card.created or datetime.now(UTC).replace(microsecond=0).isoformat(),
+    )
+    temporary = directory / (CARD_FILE + ".tmp")
+    temporary.write_text(json.dumps(card_to_dict(card), indent=2) + "\n", encoding="utf-8")
+    temporary.replace(directory / CARD_FILE)
+    return ModelPackage(path=directory, card=card)
+
+
+def next_version(version: str) -> str:
+    """``1.0.3`` -> ``1.0.4``; a version without a numeric last part gets ``.1`` appended."""
+    head, _, last = version.rpartition(".")
+    if last.isdigit():
+        return f"{head}.{int(last) + 1}" if head else str(int(last) + 1)
+    return f"{version}.1"
+
+
+def rewrite_card(package: ModelPackage, **changes: Any) -> ModelPackage:
+    """A new version of the package's card with ``changes``: new version, device UID and date."""
+    card = replace(
+        package.card,
+        **changes,
+        version=changes.get("version", next_version(package.card.version)),
+        device_uid=new_device_uid(),
+        created=datetime.now(UTC).replace(microsecond=0).isoformat(),
+    )
+    weights = {name: package.path / name for name in package.card.weights}
+    return write_package(package.path, card, weights)
+
+
+def bundled_directory() -> Path:
+    """The default model packages shipped inside the ``inference`` package."""
+    return Path(__file__).resolve().parent / "bundled"
+
+
+def discover(directory: Path) -> list[ModelPackage]:
+    """Every package directly under ``directory`` (sub-folders with a model.json), sorted by name.
+
+    A folder whose card cannot be parsed raises :class:`PackageError`: a broken package must not
+    disappear silently from the node's model list.
+    """
+    if not directory.is_dir():
+        return []
+    return [
+        read_package(child)
+        for child in sorted(directory.iterdir())
+        if child.is_dir() and (child / CARD_FILE).is_file()
+    ]

@@ -1,0 +1,57 @@
+"""``fracnode calibrate PACKAGE --data PATH``: refit temperature and operating points of a package.
+
+The package is verified first; the data's labelled images of the card's regions (``--split``,
+default ``valid``; sources without confirmed negatives left out) give the scores; the card gets
+the temperature, the three operating points with their nested out-of-fold sensitivity and
+specificity, and the validation metrics, under a new version and device UID (IHE AIR), and the
+checksums are rewritten. Bad input raises :class:`node.cli.CliError` (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from inference.datasets import DatasetError, load_sources
+from inference.packages import PackageError
+from node.cli import CliError
+from node.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("calibrate", help="fit temperature and operating points of a model package")
+    parser.add_argument("package", type=Path, metavar="PACKAGE", help="model package directory")
+    parser.add_argument("--data", type=Path, action="append", required=True, metavar="PATH",
+                        help="data folder or CSV (repeatable)")
+    parser.add_argument("--split", default="valid", help="split to calibrate on ('all' for every image)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    parser.add_argument("--cache", type=Path, default=Path("var/cache"), metavar="DIR")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=calibrate)
+
+
+def calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from inference.calibration import CalibrationError
+    from inference.training.package import calibrate_package
+
+    if not (args.package / "model.json").is_file():
+        raise CliError(f"{args.package} is not a model package (no model.json)")
+    for path in args.data:
+        if not path.exists():
+            raise CliError(f"--data {path} does not exist")
+    split = None if args.split == "all" else args.split
+    try:
+        images = load_sources(list(args.data))
+        package = calibrate_package(args.package, images, split, args.cache, args.device, args.seed)
+    except (DatasetError, PackageError, CalibrationError) as exc:
+        raise CliError(str(exc)) from exc
+    card = package.card
+    print(f"calibrated {package.path}: {card.name} {card.version}, temperature {card.temperature:.4f}")
+    for point in card.operating_points:
+        print(
+            f"  {point.name}: threshold {point.threshold:.4f} sensitivity {point.sensitivity:.3f} "
+            f"{list(point.sensitivity_ci)} specificity {point.specificity:.3f} {list(point.specificity_ci)}"
+        )
+    print(json.dumps({k: v for k, v in card.validation_metrics.items() if k != "per_group"}, indent=2, default=str))
+    return 0
