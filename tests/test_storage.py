@@ -332,6 +332,8 @@ def test_fail_job_retries_then_dies(db: Database) -> None:
     assert detail.jobs[0].last_error == "decode error again"
     assert repo.fail_job(db, job.id, "late", t, retry_delay_s=5) is JobState.DEAD  # ended: unchanged
     assert repo.queue_depth(db)["dead"] == 1
+    assert [(j.id, j.study_uid) for j in repo.list_jobs(db, state=JobState.DEAD)] == [(job.id, "1.2.3")]
+    assert repo.list_jobs(db, state=JobState.PENDING) == []
 
 
 def test_permanent_failure_and_superseded_failure(db: Database) -> None:
