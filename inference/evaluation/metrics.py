@@ -310,6 +310,11 @@ def _ece_statistic(bins: int) -> BatchStatistic:
     return statistic
 
 
+def ece_rows(scores: FloatArray, n_pos: int) -> FloatArray:
+    """Expected calibration error over :data:`DEFAULT_BINS` equal-width bins, per row."""
+    return _ece_rows(scores, n_pos, DEFAULT_BINS)
+
+
 def _point(statistic: BatchStatistic, labels: ArrayLike, scores: ArrayLike) -> float:
     strata = _Stratified.of(*check_binary(labels, scores))
     return float(statistic(strata.matrix(), strata.n_pos)[0])

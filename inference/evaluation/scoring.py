@@ -1,0 +1,267 @@
+"""From model runs to the numbers of the report: per model, overall, per group and per region.
+
+Units and levels:
+
+- **image**: every labelled image the model read;
+- **study (mean / max)**: a study's images of one anatomical group aggregated with
+  :func:`inference.evaluation.aggregate.aggregate_probabilities`, the node's own function;
+  a study is positive when any of its images is;
+- detectors add the FAMO levels (per fracture, per image, per case) of
+  :mod:`inference.evaluation.detection`.
+
+An image that shows several regions (FracAtlas marks some) counts in each of their region and
+group rows, once in the overall row. A row is flagged ``out_of_group`` when the model was not
+trained for that group (the node reaches it through the adjacency of the group table).
+
+Errors: none of its own; :class:`inference.evaluation.metrics.MetricsError` passes through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+from numpy.typing import NDArray
+
+from inference.calibration import CalibrationError, fit_temperature
+from inference.decision import UNCALIBRATED_THRESHOLD
+from inference.evaluation.aggregate import AggregationMethod, aggregate_studies
+from inference.evaluation.detection import DetectionMetrics, ImageDetections, detection_metrics
+from inference.evaluation.metrics import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    ClassificationMetrics,
+    Interval,
+    bootstrap_intervals,
+    brier_rows,
+    classification_metrics,
+    ece_rows,
+)
+from inference.evaluation.runner import EvalImage, ModelRun, thresholds_of, uncalibrated
+from inference.modelcard import ModelCard, ModelKind
+from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup, GroupTable, Region
+
+
+class Scope(StrEnum):
+    OVERALL = "overall"
+    GROUP = "group"
+    REGION = "region"
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationConfig:
+    resamples: int = DEFAULT_RESAMPLES
+    seed: int = 0
+    confidence: float = DEFAULT_CONFIDENCE
+    table: GroupTable = DEFAULT_GROUP_TABLE
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    scope: Scope
+    name: str  # "all", a group or a region value
+    out_of_group: bool
+    images: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierRow:
+    subset: Subset
+    image: ClassificationMetrics
+    study_mean: ClassificationMetrics
+    study_max: ClassificationMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorRow:
+    subset: Subset
+    detection: DetectionMetrics  # carries the image and case (study, max) levels
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationCheck:
+    """Calibration on this data before (sigmoid of the logits) and after the card's temperature."""
+
+    temperature: float  # the card's
+    fitted_temperature: float | None  # the temperature that would fit this data best
+    ece_before: Interval
+    ece_after: Interval
+    brier_before: Interval
+    brier_after: Interval
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEvaluation:
+    card: ModelCard
+    served: tuple[AnatomicalGroup, ...] | None  # None: evaluated on every image
+    rows: tuple[ClassifierRow | DetectorRow, ...]
+    calibration: CalibrationCheck | None
+
+
+def home_groups(card: ModelCard, table: GroupTable = DEFAULT_GROUP_TABLE) -> frozenset[AnatomicalGroup]:
+    """The groups a card was trained for: its own group and the groups of its regions."""
+    groups = {g for g in (table.group_of(r) for r in card.regions) if g is not None}
+    if card.group is not None:
+        groups.add(card.group)
+    return frozenset(groups)
+
+
+def _own_groups(image: EvalImage, table: GroupTable) -> set[AnatomicalGroup]:
+    return {g for g in (table.group_of(r) for r in image.regions) if g is not None}
+
+
+def subsets_of(
+    images: Sequence[EvalImage], indices: NDArray[np.int64], card: ModelCard, table: GroupTable
+) -> list[tuple[Subset, NDArray[np.int64]]]:
+    """The rows of one model: positions into ``indices`` for overall, each group and each region."""
+    home = home_groups(card, table)
+    out: list[tuple[Subset, NDArray[np.int64]]] = []
+    everything = np.arange(indices.size, dtype=np.int64)
+    out.append((Subset(Scope.OVERALL, "all", False, int(indices.size)), everything))
+    for group in AnatomicalGroup:
+        chosen = np.array(
+            [p for p, i in enumerate(indices) if group in _own_groups(images[i], table)], dtype=np.int64
+        )
+        if chosen.size:
+            out.append((Subset(Scope.GROUP, group.value, group not in home, int(chosen.size)), chosen))
+    for region in Region:
+        chosen = np.array([p for p, i in enumerate(indices) if region in images[i].regions], dtype=np.int64)
+        if chosen.size:
+            region_group = table.group_of(region)
+            outside = region_group is None or region_group not in home
+            out.append((Subset(Scope.REGION, region.value, outside, int(chosen.size)), chosen))
+    return out
+
+
+def _study_keys(images: Sequence[EvalImage], indices: NDArray[np.int64], table: GroupTable) -> list[object]:
+    return [(images[i].study_id, table.group_of(images[i].region)) for i in indices]
+
+
+def _labels(images: Sequence[EvalImage], indices: NDArray[np.int64]) -> NDArray[np.int64]:
+    return np.array([images[i].label for i in indices], dtype=np.int64)
+
+
+def _study_metrics(
+    keys: list[object],
+    labels: NDArray[np.int64],
+    scores: NDArray[np.float64],
+    method: AggregationMethod,
+    thresholds: list[tuple[str, float]],
+    config: EvaluationConfig,
+) -> ClassificationMetrics:
+    studies = aggregate_studies(keys, labels, scores, method)
+    return classification_metrics(
+        studies.labels,
+        studies.scores,
+        thresholds,
+        resamples=config.resamples,
+        seed=config.seed,
+        confidence=config.confidence,
+    )
+
+
+def _classifier_rows(
+    images: Sequence[EvalImage], run: ModelRun, config: EvaluationConfig
+) -> list[ClassifierRow]:
+    thresholds = thresholds_of(run.card, UNCALIBRATED_THRESHOLD)
+    rows = []
+    for subset, positions in subsets_of(images, run.indices, run.card, config.table):
+        indices = run.indices[positions]
+        labels = _labels(images, indices)
+        scores = run.probabilities[positions]
+        keys = _study_keys(images, indices, config.table)
+        rows.append(
+            ClassifierRow(
+                subset=subset,
+                image=classification_metrics(
+                    labels,
+                    scores,
+                    thresholds,
+                    resamples=config.resamples,
+                    seed=config.seed,
+                    confidence=config.confidence,
+                ),
+                study_mean=_study_metrics(keys, labels, scores, "mean", thresholds, config),
+                study_max=_study_metrics(keys, labels, scores, "max", thresholds, config),
+            )
+        )
+    return rows
+
+
+def detections_of(
+    images: Sequence[EvalImage], run: ModelRun, positions: NDArray[np.int64]
+) -> list[ImageDetections]:
+    """The detector's boxes and the reference boxes of the images at ``positions`` of the run."""
+    if run.boxes is None:
+        raise ValueError(f"{run.card.name} is not a detector run")
+    return [
+        ImageDetections(
+            image_id=images[run.indices[p]].key,
+            case_id=images[run.indices[p]].study_id,
+            label=int(images[run.indices[p]].label or 0),
+            truth=images[run.indices[p]].boxes,
+            predictions=run.boxes[p],
+        )
+        for p in positions
+    ]
+
+
+def _detector_rows(images: Sequence[EvalImage], run: ModelRun, config: EvaluationConfig) -> list[DetectorRow]:
+    thresholds = thresholds_of(run.card, UNCALIBRATED_THRESHOLD)
+    return [
+        DetectorRow(
+            subset=subset,
+            detection=detection_metrics(
+                detections_of(images, run, positions),
+                thresholds,
+                resamples=config.resamples,
+                seed=config.seed,
+                confidence=config.confidence,
+            ),
+        )
+        for subset, positions in subsets_of(images, run.indices, run.card, config.table)
+    ]
+
+
+def calibration_check(
+    images: Sequence[EvalImage], run: ModelRun, config: EvaluationConfig
+) -> CalibrationCheck | None:
+    """ECE and Brier score of the model's probabilities before and after temperature scaling."""
+    before = uncalibrated(run)
+    if before is None or run.logits is None or run.indices.size == 0:
+        return None
+    labels = _labels(images, run.indices)
+    stats = {"ece": ece_rows, "brier": brier_rows}
+    common = {"resamples": config.resamples, "seed": config.seed, "confidence": config.confidence}
+    raw = bootstrap_intervals(labels, before, stats, **common)  # type: ignore[arg-type]
+    scaled = bootstrap_intervals(labels, run.probabilities, stats, **common)  # type: ignore[arg-type]
+    try:
+        fitted: float | None = fit_temperature(run.logits, labels)
+    except CalibrationError:
+        fitted = None
+    return CalibrationCheck(
+        temperature=float(run.card.temperature),
+        fitted_temperature=fitted,
+        ece_before=raw["ece"],
+        ece_after=scaled["ece"],
+        brier_before=raw["brier"],
+        brier_after=scaled["brier"],
+    )
+
+
+def evaluate_run(images: Sequence[EvalImage], run: ModelRun, config: EvaluationConfig) -> ModelEvaluation:
+    """Every row of one model's report."""
+    rows: list[ClassifierRow | DetectorRow]
+    if run.card.kind == ModelKind.DETECTOR:
+        rows = list(_detector_rows(images, run, config))
+    else:
+        rows = list(_classifier_rows(images, run, config))
+    served = None if run.served is None else tuple(sorted(run.served, key=list(AnatomicalGroup).index))
+    return ModelEvaluation(
+        card=run.card,
+        served=served,
+        rows=tuple(rows),
+        calibration=calibration_check(images, run, config),
+    )

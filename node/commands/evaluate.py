@@ -1,0 +1,343 @@
+"""``fracnode evaluate``: the models on labelled data, as a report, a JSON file and figures.
+
+SOURCE is anything :func:`inference.datasets.load_source` reads (FracAtlas, upper-limb-web,
+MURA, a ``path,label,region`` CSV), or a folder of DICOM files with a label CSV
+(``sop_instance_uid`` or ``file``, ``label``, optional ``region``; ``--labels``, default
+``SOURCE/labels.csv``). DICOM pixels are decoded here, on the node side, by
+:func:`node.imaging.load_frames` (the node's own modality/VOI LUT path); a DICOM image without a
+``region`` in the CSV gets the region its header names (:func:`inference.routing.resolve_region`).
+
+Models: the installed ones (bundled plus ``models.directory``), each evaluated on the images the
+node would route to it (:func:`node.modelset.load_model_set` picks the model of each group), or
+``--model PKG`` (repeatable) to evaluate packages on every image. ``--matrix`` adds the
+cross-region transfer matrix (every model on every image). ``--docs FILE`` writes the summary
+into the generated section of FILE; ``--from-results JSON`` renders the report (and ``--docs``)
+again from an earlier results file without running any model.
+
+Exit codes: 0 written; 2 for an operator error (:class:`node.cli.CliError`: a missing source,
+an unreadable label CSV, no fracture model, a package that fails verification).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from node import __version__
+from node.cli import CliError
+from node.settings import Settings
+
+if TYPE_CHECKING:
+    from inference.evaluation.runner import EvalImage, ModelPlan
+
+log = logging.getLogger(__name__)
+
+DOCS_SECTION = "results"
+DICOM_KEY_COLUMNS = ("sop_instance_uid", "file")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "evaluate",
+        help="evaluate the models on labelled data: Markdown report, JSON, figures",
+        description="Evaluate fracture models on labelled data; writes report.md, results.json and figures.",
+    )
+    parser.add_argument(
+        "source",
+        type=Path,
+        nargs="?",
+        help="FracAtlas / upper-limb-web / MURA folder, a path,label,region CSV, or a DICOM folder",
+    )
+    parser.add_argument("--split", default=None, help="only this split of the source (e.g. valid)")
+    parser.add_argument("--matrix", action="store_true", help="add the cross-region transfer matrix")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="evaluate this model package on every image (repeatable; default: the installed models)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default var/eval/<timestamp>)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--labels", type=Path, default=None, help="label CSV of a DICOM folder")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
+    parser.add_argument(
+        "--docs", type=Path, default=None, help="Markdown file whose generated section to rewrite"
+    )
+    parser.add_argument(
+        "--from-results", type=Path, default=None, metavar="JSON", help="render from an earlier results.json"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=evaluate)
+
+
+def evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from inference.evaluation.report import ReportError
+
+    try:
+        if args.from_results is not None:
+            return _render_again(args)
+        return _evaluate(args, settings)
+    except ReportError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _render_again(args: argparse.Namespace) -> int:
+    from inference.evaluation.report import REPORT_NAME, docs_section, read_json, report_markdown
+
+    data = read_json(args.from_results)
+    report = (args.out or args.from_results.parent) / REPORT_NAME
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(report_markdown(data), encoding="utf-8")
+    print(f"report: {report}")
+    if args.docs is not None:
+        _write_docs(args.docs, docs_section(data))
+    return 0
+
+
+def _write_docs(path: Path, text: str) -> None:
+    from inference.evaluation.report import update_generated_section
+
+    update_generated_section(path, DOCS_SECTION, text)
+    print(f"docs: {path} (section {DOCS_SECTION})")
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from inference.evaluation.metrics import MetricsError
+    from inference.evaluation.report import docs_section
+    from inference.evaluation.runner import RunnerError
+    from inference.evaluation.scoring import EvaluationConfig
+    from inference.evaluation.suite import SourceInfo, run_suite
+
+    if args.source is None:
+        raise CliError("evaluate needs a SOURCE (or --from-results JSON)")
+    if args.bootstrap < 0:
+        raise CliError("--bootstrap must be 0 or more")
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be 1 or more")
+    images, layout = _load_images(args, settings)
+    if not any(image.label is not None for image in images):
+        raise CliError(
+            f"{args.source}: no labelled image" + (f" in split {args.split}" if args.split else "")
+        )
+    plans = _load_plans(args.model, settings)
+    out = args.out or Path("var/eval") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    log.info("evaluating %d images with %d models into %s", len(images), len(plans), out)
+    try:
+        written = run_suite(
+            images,
+            plans,
+            SourceInfo(args.source.name or str(args.source), layout, args.split),
+            out,
+            matrix=args.matrix,
+            config=EvaluationConfig(resamples=args.bootstrap, seed=args.seed),
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            version=__version__,
+        )
+    except (RunnerError, MetricsError) as exc:
+        raise CliError(f"evaluation failed: {exc}") from exc
+    except OSError as exc:
+        raise CliError(f"cannot write the results under {out}: {exc}") from exc
+    failures = written.data["source"]["failures"]
+    print(f"report: {written.report}")
+    print(f"results: {written.results}")
+    print(f"figures: {len(written.figures)} in {out / 'figures'}")
+    if failures:
+        print(f"images that could not be read: {len(failures)} (listed in {written.results.name})")
+    if args.docs is not None:
+        _write_docs(args.docs, docs_section(written.data))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def _load_plans(packages: Sequence[Path], settings: Settings) -> list[ModelPlan]:
+    from inference.evaluation.runner import ModelPlan
+    from inference.modelcard import ModelKind
+    from inference.models import load_model
+    from inference.packages import PackageError, verify_package
+    from inference.protocols import FractureClassifier, FractureDetector
+    from inference.regions import AnatomicalGroup
+    from node.modelset import ModelSetError, load_model_set
+
+    if packages:
+        plans = []
+        for path in packages:
+            try:
+                package = verify_package(path)
+                if package.card.kind == ModelKind.REGION:
+                    raise CliError(f"{path}: a region classifier; evaluate takes fracture models")
+                model = load_model(package, settings.models.device)
+            except PackageError as exc:
+                raise CliError(f"model package {path}: {exc}") from exc
+            plans.append(ModelPlan(model, None))  # type: ignore[arg-type]
+        return plans
+    try:
+        installed = load_model_set(settings.models.directory, device=settings.models.device)
+    except ModelSetError as exc:
+        raise CliError(str(exc)) from exc
+    served: dict[int, tuple[FractureClassifier | FractureDetector, set[AnatomicalGroup]]] = {}
+    for group, models in installed.groups.items():
+        for member in (models.classifier, models.detector):
+            if member is not None:
+                served.setdefault(id(member), (member, set()))[1].add(group)
+    if not served:
+        where = settings.models.directory or "the bundled models"
+        raise CliError(f"no fracture model installed ({where}); pass --model PKG")
+    return [
+        ModelPlan(member, frozenset(groups))
+        for member, groups in sorted(served.values(), key=lambda item: item[0].card.name)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# images
+
+
+def _label_header(path: Path) -> list[str]:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return [c.strip() for c in next(csv.reader(handle), [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CliError(f"cannot read label CSV {path}: {exc}") from exc
+
+
+def _is_dicom_source(source: Path, labels: Path | None) -> Path | None:
+    """The label CSV when ``source`` is a DICOM folder, else None."""
+    if labels is not None:
+        return labels
+    candidate = source / "labels.csv"
+    if source.is_dir() and candidate.is_file():
+        header = _label_header(candidate)
+        if any(key in header for key in DICOM_KEY_COLUMNS):
+            return candidate
+    return None
+
+
+def _load_images(args: argparse.Namespace, settings: Settings) -> tuple[list[EvalImage], str]:
+    from inference.datasets import DatasetError, detect_layout, load_source
+    from inference.evaluation.runner import from_labelled
+
+    source: Path = args.source
+    if not source.exists():
+        raise CliError(f"{source}: no such file or folder")
+    labels = _is_dicom_source(source, args.labels)
+    if labels is not None:
+        return _dicom_images(source, labels, settings), "dicom"
+    try:
+        return from_labelled(load_source(source, args.split)), detect_layout(source)
+    except DatasetError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _dicom_images(folder: Path, labels: Path, settings: Settings) -> list[EvalImage]:
+    """Evaluation images from DICOM files named by a label CSV (SOP Instance UID or file)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from inference.evaluation.runner import EvalImage
+    from inference.regions import Region
+    from inference.routing import load_keywords, resolve_region
+    from node.imaging import header_facts
+
+    if not folder.is_dir():
+        raise CliError(f"{folder}: a DICOM source must be a folder")
+    rows = _label_rows(labels)
+    by_uid: dict[str, Path] = {}
+    if any("sop_instance_uid" in row and row["sop_instance_uid"] for row in rows):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != labels):
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            except (InvalidDicomError, OSError, ValueError, EOFError):
+                continue
+            uid = str(header.get("SOPInstanceUID", "") or "")
+            if uid:
+                by_uid[uid] = path
+    keywords = load_keywords(settings.routing.keywords_file)
+    images: list[EvalImage] = []
+    for number, row in enumerate(rows, start=2):
+        uid = (row.get("sop_instance_uid") or "").strip()
+        name = (row.get("file") or "").strip()
+        found = by_uid.get(uid) if uid else (labels.parent / name if name else None)
+        if found is None or not found.is_file():
+            raise CliError(f"{labels} row {number}: no DICOM file for this row")
+        path = found
+        label = (row.get("label") or "").strip()
+        if label not in ("0", "1", ""):
+            raise CliError(f"{labels} row {number}: label must be 0, 1 or empty")
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise CliError(f"{labels} row {number}: {path.name} is not a readable DICOM file") from exc
+        region_text = (row.get("region") or "").strip().lower()
+        if region_text:
+            try:
+                region = Region(region_text)
+            except ValueError as exc:
+                raise CliError(f"{labels} row {number}: unknown region {region_text!r}") from exc
+        else:
+            region = resolve_region(header_facts(header), keywords).region
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        sop_uid = str(header.get("SOPInstanceUID", "") or path.name)
+        study = str(header.get("StudyInstanceUID", "") or sop_uid)
+        for frame in range(frames):
+            images.append(
+                EvalImage(
+                    key=sop_uid if frames == 1 else f"{sop_uid}#{frame}",
+                    label=int(label) if label else None,
+                    regions=(region,),
+                    study_id=study,
+                    boxes=(),
+                    load=_dicom_reader(path, frame, settings.pipeline.max_pixels),
+                )
+            )
+    return images
+
+
+def _label_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [{k.strip(): (v or "") for k, v in row.items() if k} for row in csv.DictReader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CliError(f"cannot read label CSV {path}: {exc}") from exc
+    if not rows:
+        raise CliError(f"label CSV {path} has no rows")
+    if not any(key in rows[0] for key in DICOM_KEY_COLUMNS) or "label" not in rows[0]:
+        raise CliError(f"label CSV {path} needs the columns sop_instance_uid or file, and label")
+    return rows
+
+
+def _dicom_reader(path: Path, frame: int, max_pixels: int) -> Callable[[], NDArray[np.float32]]:
+    def load() -> NDArray[np.float32]:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        from inference.evaluation.runner import ImageUnavailable
+        from node.imaging import ImagingError, load_frames
+
+        try:
+            frames = load_frames(pydicom.dcmread(path), max_pixels=max_pixels)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise ImageUnavailable(f"cannot read {path.name}: {type(exc).__name__}") from exc
+        except ImagingError as exc:
+            raise ImageUnavailable(exc.reason) from exc
+        if frame >= len(frames):
+            raise ImageUnavailable(f"{path.name} has no frame {frame}")
+        return np.asarray(frames[frame].pixels, dtype=np.float32)
+
+    return load
