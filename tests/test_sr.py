@@ -6,6 +6,7 @@ Sources are generated DX radiographs (tests.dicomgen) and the pydicom-data RG3 C
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -304,3 +305,17 @@ def test_empty_result_has_nothing_to_report() -> None:
     result = StudyResult("1.2.3", 1, (), (), Priority.NOT_ANALYSED, None)
     with pytest.raises(NothingToReportError):
         build_sr(result, {}, software_version=SOFTWARE)
+
+
+def test_unreadable_image_is_reported_without_a_reference(tmp_path: Path) -> None:
+    sources = wrist_sources(2)
+    result = study_result(sources)
+    group = result.groups[0]
+    unreadable = replace(group.images[1], probability=None, error="file could not be parsed")
+    result = replace(result, groups=(replace(group, images=(group.images[0], unreadable)),))
+    _, sr = _build_and_read(result, sources[:1], tmp_path)  # the worker has no dataset for it
+    (study_level,) = sr.content.get_image_measurement_groups()
+    assert {item.referenced_sop_instance_uid for item in study_level.source_images} == {
+        str(sources[0].SOPInstanceUID)
+    }
+    assert "image 2 not analysed: file could not be parsed" in _texts(study_level, ("121106", "DCM"))

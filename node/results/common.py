@@ -3,7 +3,7 @@
 Error tree (all carry ``study_instance_uid``)::
 
     ResultBuildError(Exception)          a result cannot be turned into DICOM objects
-    ├── MissingSourceError               an image result names a SOP Instance UID not in ``sources``
+    ├── MissingSourceError               an analysed image has no dataset in ``sources``
     └── NothingToReportError             the result references no image at all
 """
 
@@ -57,7 +57,13 @@ def all_images(result: StudyResult) -> tuple[ImageResult, ...]:
     return tuple(image for group in result.groups for image in group.images) + result.not_analysed
 
 
+def is_analysed(image: ImageResult) -> bool:
+    """A model read the image: it has a probability and no error."""
+    return image.probability is not None and image.error is None
+
+
 def source_of(result: StudyResult, sources: Mapping[str, Dataset], sop_instance_uid: str) -> Dataset:
+    """The source dataset of an analysed image; its absence is a caller's bug."""
     try:
         return sources[sop_instance_uid]
     except KeyError as exc:
@@ -66,12 +72,36 @@ def source_of(result: StudyResult, sources: Mapping[str, Dataset], sop_instance_
         ) from exc
 
 
+def referable(
+    result: StudyResult, sources: Mapping[str, Dataset], images: Sequence[ImageResult]
+) -> list[tuple[ImageResult, Dataset]]:
+    """``images`` (once per frame) with their sources, for references.
+
+    An image that was not analysed may have no dataset (its file could not be read): it is left
+    out of the references, and its reason still goes into the report. An analysed image without
+    its dataset raises :class:`MissingSourceError`.
+    """
+    out: dict[tuple[str, int], tuple[ImageResult, Dataset]] = {}
+    for image in images:
+        key = (image.sop_instance_uid, image.frame)
+        if key in out:
+            continue
+        source = sources.get(image.sop_instance_uid)
+        if source is None:
+            if is_analysed(image):
+                raise MissingSourceError(
+                    study_instance_uid=result.study_instance_uid, sop_instance_uid=image.sop_instance_uid
+                )
+            continue
+        out[key] = (image, source)
+    return list(out.values())
+
+
 def evidence_of(result: StudyResult, sources: Mapping[str, Dataset]) -> list[Dataset]:
-    """The source datasets the result refers to, each once, in first-mention order."""
+    """The source datasets the result can refer to, each once, in first-mention order."""
     seen: dict[str, Dataset] = {}
-    for image in all_images(result):
-        if image.sop_instance_uid not in seen:
-            seen[image.sop_instance_uid] = source_of(result, sources, image.sop_instance_uid)
+    for _, source in referable(result, sources, all_images(result)):
+        seen.setdefault(str(source.SOPInstanceUID), source)
     if not seen:
         raise NothingToReportError(
             "the result references no source image", study_instance_uid=result.study_instance_uid

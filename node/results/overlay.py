@@ -48,6 +48,7 @@ from node.results.common import (
     ResultBuildError,
     detector_of,
     frame_numbers,
+    is_analysed,
     model_equipment,
     source_of,
 )
@@ -173,7 +174,7 @@ def analysed_images(result: StudyResult) -> Iterator[tuple[GroupResult, ImageRes
     """(group, image) for every image a model read: it has a probability and no error."""
     for group in result.groups:
         for image in group.images:
-            if image.probability is not None and image.error is None:
+            if is_analysed(image):
                 yield group, image
 
 

@@ -47,6 +47,7 @@ from node.results.common import (
     evidence_of,
     frame_numbers,
     model_equipment,
+    referable,
     source_of,
 )
 from node.results.uids import Role, model_versions, result_uid
@@ -151,14 +152,7 @@ def _group_evaluation(
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=fc.FRACTURE_OF_BONE, value=fc.OUTCOME_CODES[group.outcome])
         ],
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup.from_source_image(
-                source_of(result, sources, image.sop_instance_uid),
-                frame_numbers(source_of(result, sources, image.sop_instance_uid), image.frame),
-            )
-            for image in _unique_frames(group.images)
-        ]
-        or None,
+        source_images=_source_images(result, sources, group.images),
     )
     _comment(evaluation, _group_comments(group))
     return evaluation
@@ -169,7 +163,9 @@ def _box_groups(
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     card = detector_of(group.models)
     out: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
-    for image in group.images:
+    for image_number, image in enumerate(group.images, start=1):
+        if not image.boxes:
+            continue
         source = source_of(result, sources, image.sop_instance_uid)
         for number, box in enumerate(image.boxes, start=1):
             region = hd.sr.ImageRegion(
@@ -185,7 +181,7 @@ def _box_groups(
                 evaluations.append(hd.sr.QualitativeEvaluation(name=fc.FRACTURE_OF_BONE, value=call))
             out.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking(f"{group.group} box {number}"),
+                    tracking_identifier=tracking(f"{group.group} image {image_number} box {number}"),
                     referenced_region=region,
                     finding_type=fc.FRACTURE_OF_BONE,
                     algorithm_id=_algorithm(card, None) if card is not None else None,
@@ -211,14 +207,7 @@ def _study_not_analysed(
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=fc.FRACTURE_OF_BONE, value=fc.UNDETERMINED)
         ],
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup.from_source_image(
-                source_of(result, sources, image.sop_instance_uid),
-                frame_numbers(source_of(result, sources, image.sop_instance_uid), image.frame),
-            )
-            for image in _unique_frames(result.not_analysed)
-        ]
-        or None,
+        source_images=_source_images(result, sources, result.not_analysed),
     )
     _comment(evaluation, ["no image of this study was analysed", *_image_reasons(result.not_analysed)])
     return evaluation
@@ -309,11 +298,14 @@ def _sites(regions: Sequence[Region], images: Sequence[ImageResult]) -> list[hd.
     return sites
 
 
-def _unique_frames(images: Sequence[ImageResult]) -> list[ImageResult]:
-    seen: dict[tuple[str, int], ImageResult] = {}
-    for image in images:
-        seen.setdefault((image.sop_instance_uid, image.frame), image)
-    return list(seen.values())
+def _source_images(
+    result: StudyResult, sources: Mapping[str, Dataset], images: Sequence[ImageResult]
+) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
+    items = [
+        hd.sr.SourceImageForMeasurementGroup.from_source_image(source, frame_numbers(source, image.frame))
+        for image, source in referable(result, sources, images)
+    ]
+    return items or None
 
 
 def _group_comments(group: GroupResult) -> list[str]:
