@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from prometheus_client import CollectorRegistry
 
 from node.ingest import StoreHandler
@@ -158,3 +160,38 @@ def start_serve(config: Path, port: int, log: Path, env: dict[str, str] | None =
     )
     wait_for_port("127.0.0.1", port, process=process)
     return ServeProcess(process, port, config, log)
+
+
+STORESCU_FLAGS = {
+    ImplicitVRLittleEndian: ["-xi"],
+    ExplicitVRLittleEndian: ["-xe"],
+    DeflatedExplicitVRLittleEndian: ["-xd"],
+}
+
+
+def storescu_config(directory: Path, sop_class: str, syntax: str) -> Path:
+    config = directory / "storescu.cfg"
+    config.write_text(
+        "[[TransferSyntaxes]]\n[TS]\nTransferSyntax1 = " + syntax + "\n"
+        "[[PresentationContexts]]\n[PC]\nPresentationContext1 = " + sop_class + "\\TS\n"
+        "[[Profiles]]\n[Default]\nPresentationContexts = PC\n"
+    )
+    return config
+
+
+def storescu(path: Path, port: int, *extra: str, called: str = "FRACNODE") -> subprocess.CompletedProcess[str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    if syntax in STORESCU_FLAGS:
+        flags = STORESCU_FLAGS[syntax]
+    else:
+        cfg = storescu_config(path.parent, str(ds.file_meta.MediaStorageSOPClassUID), str(syntax))
+        flags = ["-xf", str(cfg), "Default"]
+    return subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", called, *flags, *extra, "127.0.0.1", str(port), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+

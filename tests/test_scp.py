@@ -25,14 +25,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from node.status import StoreStatus
 from storage import repo
 from tests.dicomgen import ALL_SYNTAXES, CT_STORAGE, make_dataset, encode, write
-from tests.nodeproc import InProcessNode, node, start_in_process  # noqa: F401  (fixture)
-
-STORESCU_FLAGS = {
-    ImplicitVRLittleEndian: ["-xi"],
-    ExplicitVRLittleEndian: ["-xe"],
-    DeflatedExplicitVRLittleEndian: ["-xd"],
-}
-
+from tests.nodeproc import InProcessNode, node, start_in_process, storescu  # noqa: F401  (fixture)
 
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset after the file meta, as a sender puts it on the wire."""
@@ -65,32 +58,6 @@ def send_with_pynetdicom(path: Path, port: int, called: str = "FRACNODE", callin
     finally:
         assoc.release()
     return int(status.Status)
-
-
-def storescu_config(directory: Path, sop_class: str, syntax: str) -> Path:
-    config = directory / "storescu.cfg"
-    config.write_text(
-        "[[TransferSyntaxes]]\n[TS]\nTransferSyntax1 = " + syntax + "\n"
-        "[[PresentationContexts]]\n[PC]\nPresentationContext1 = " + sop_class + "\\TS\n"
-        "[[Profiles]]\n[Default]\nPresentationContexts = PC\n"
-    )
-    return config
-
-
-def storescu(path: Path, port: int, *extra: str, called: str = "FRACNODE") -> subprocess.CompletedProcess[str]:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    syntax = UID(ds.file_meta.TransferSyntaxUID)
-    if syntax in STORESCU_FLAGS:
-        flags = STORESCU_FLAGS[syntax]
-    else:
-        cfg = storescu_config(path.parent, str(ds.file_meta.MediaStorageSOPClassUID), str(syntax))
-        flags = ["-xf", str(cfg), "Default"]
-    return subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", called, *flags, *extra, "127.0.0.1", str(port), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def stored_path(node: InProcessNode, path: Path) -> Path:

@@ -4,6 +4,7 @@ the operator commands, and configuration errors."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 import subprocess
 import threading
 import time
@@ -20,6 +21,7 @@ from storage.db import Database
 from tests.conftest import free_port
 from tests.dicomgen import DX_PRESENTATION, make_dataset, make_study, write
 from tests.nodeproc import fracnode, start_serve, write_config
+from tests.nodeproc import storescu as storescu_file
 
 
 def studies_json(config: Path) -> list[dict[str, object]]:
@@ -56,11 +58,8 @@ def test_done_when_dx_study_and_rg3_files(tmp_path: Path, rg3_files: dict[str, P
         study, paths = make_study(tmp_path / "dx", 3)
         storescu(port, *paths)
         for name in ("RG3_UNCR", "RG3_J2KR", "RG3_J2KI"):
-            subprocess.run(
-                ["storescu", "-aet", "STORESCU", "-aec", "FRACNODE", "-xv", "-xw", "127.0.0.1", str(port),
-                 str(rg3_files[name])],
-                check=True, capture_output=True, timeout=120,
-            )
+            sent = storescu_file(rg3_files[name], port)
+            assert sent.returncode == 0, sent.stderr
         rg3_study = str(pydicom.dcmread(rg3_files["RG3_UNCR"], stop_before_pixels=True).StudyInstanceUID)
 
         def both_ready() -> list[dict[str, object]] | None:
@@ -152,24 +151,19 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
 def test_quiet_window_and_late_arrival_reopen(tmp_path: Path) -> None:
     port = free_port()
-    config = write_config(tmp_path / "node", port, quiet_seconds=2.0, extra="[worker]\nthreads = 0\n")
+    config = write_config(tmp_path / "node", port, quiet_seconds=4.0, extra="[worker]\nthreads = 0\n")
     node = start_serve(config, port, tmp_path / "serve.log")
+    db = Database(StorageConfig(url=f"sqlite:///{tmp_path / 'node' / 'fracnode.db'}"))
     try:
         study, paths = make_study(tmp_path / "dx", 2)
         storescu(port, *paths)
-        assert [r["state"] for r in studies_json(config) if r["uid"] == study.study_uid] == ["receiving"]
+        assert [s.state for s in repo.list_studies(db) if s.uid == study.study_uid] == ["receiving"]
         wait_until(lambda: [r for r in studies_json(config) if r["uid"] == study.study_uid and r["state"] == "ready"])
 
         # Process the job by hand (no worker threads in this node): claim it and finish it.
-        db = Database(StorageConfig(url=f"sqlite:///{tmp_path / 'node' / 'fracnode.db'}"))
-        try:
-            from datetime import UTC, datetime
-
-            job = repo.claim_job(db, "test", datetime.now(UTC), 60)
-            assert job is not None and job.revision == 1
-            assert repo.finish_job(db, job.id, revision=1, priority="routine", score=0.1, outcome_json="{}")
-        finally:
-            db.dispose()
+        job = repo.claim_job(db, "test", datetime.now(UTC), 60)
+        assert job is not None and job.revision == 1
+        assert repo.finish_job(db, job.id, revision=1, priority="routine", score=0.1, outcome_json="{}")
         assert [r["state"] for r in studies_json(config) if r["uid"] == study.study_uid] == ["done"]
 
         late = write(
@@ -177,19 +171,20 @@ def test_quiet_window_and_late_arrival_reopen(tmp_path: Path) -> None:
             tmp_path / "late.dcm",
         )
         storescu(port, late)
-        row = [r for r in studies_json(config) if r["uid"] == study.study_uid][0]
-        assert row["state"] == "receiving" and row["revision"] == 2 and row["reopened"] is True
+        (row,) = [s for s in repo.list_studies(db) if s.uid == study.study_uid]
+        assert row.state == "receiving" and row.revision == 2 and row.reopened is True and row.instance_count == 3
         wait_until(lambda: [r for r in studies_json(config) if r["uid"] == study.study_uid and r["state"] == "ready"])
     finally:
+        db.dispose()
         node.stop()
 
 
 def test_config_show_masks_secrets_and_invalid_values_exit_2(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 11112, extra='token = "0123456789abcdef-secret"\n')
+    config = write_config(tmp_path, 11112, extra='token = "0123456789abcdef-hunter2"\n')
     shown = fracnode("config", "show", config=config)
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)
-    assert data["api"]["token"] == "**********" and "secret" not in shown.stdout
+    assert data["api"]["token"] == "**********" and "hunter2" not in shown.stdout
     assert data["dicom"]["port"] == 11112
 
     bad = tmp_path / "bad.toml"
