@@ -24,11 +24,14 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.commands.serve",
     "node.commands.dicom_tools",
     "node.commands.studies",
+    "node.commands.outbox",
+    "node.commands.demo",
     "node.commands.evaluate",
     "node.commands.explain",
     "node.commands.train",
     "node.commands.calibrate",
     "node.commands.models",
+    "node.commands.route",
     "node.commands.config",
 )
 
@@ -62,7 +65,10 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
     )
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
+    # pynetdicom logs every PDU and highdicom every copied module at INFO; their warnings and
+    # errors are what an operator needs.
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

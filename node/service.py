@@ -184,6 +184,8 @@ class Node:
                 token=token,
                 host=s.api.host,
                 port=s.api.port,
+                tls_cert_file=s.api.tls_cert_file,
+                tls_key_file=s.api.tls_key_file,
             )
 
     def readiness(self) -> dict[str, bool | str]:
@@ -205,7 +207,7 @@ class Node:
         free, total = self.spool.disk_usage()
         self.metrics.refresh(
             queue_depth=repo.queue_depth(self.db),
-            outbox_pending=repo.outbox_depth(self.db),
+            outbox_depth=repo.outbox_depth(self.db),
             spool_free_bytes=free,
             spool_capacity_bytes=total,
         )
