@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, JPEGLSLossless, SecondaryCaptureImageStorage
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import Event
@@ -36,8 +37,10 @@ from node.export import (
     peer_for,
     send_files,
 )
+from node.results.gsps import build_gsps
 from node.results.overlay import build_overlays
 from node.results.sr import build_sr
+from node.results.summary import build_summary
 from node.settings import Destination
 from tests.orthanc import OrthancServer
 from tests.resultgen import frames_of, study_result, wrist_sources
@@ -46,6 +49,7 @@ CALLING = "FRACNODE"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 CR = "1.2.840.10008.5.1.4.1.1.1"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @dataclass
@@ -63,7 +67,7 @@ class Scp:
     port: int
     status: int = StoreStatus.SUCCESS
     ae_title: str = "PACS"
-    sop_classes: tuple[str, ...] = ()  # empty: what the node sends and receives (SR, SC, DX, CR)
+    sop_classes: tuple[str, ...] = ()  # empty: what the node sends and receives (SR, SC, GSPS, DX, CR)
     require_called_aet: bool = False
     tls: ssl.SSLContext | None = None
     received: list[Received] = field(default_factory=list)
@@ -74,7 +78,13 @@ class Scp:
     def start(self) -> Scp:
         ae = AE(ae_title=self.ae_title)
         ae.require_called_aet = self.require_called_aet
-        classes = self.sop_classes or (COMPREHENSIVE_3D_SR, SecondaryCaptureImageStorage, DX_PRESENTATION, CR)
+        classes = self.sop_classes or (
+            COMPREHENSIVE_3D_SR,
+            SecondaryCaptureImageStorage,
+            GSPS,
+            DX_PRESENTATION,
+            CR,
+        )
         for sop_class in classes:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         ae.maximum_pdu_size = 1_048_576
@@ -128,37 +138,36 @@ class ResultFiles:
     study_uid: str
     sources: tuple[Path, ...]
     sr: Path
-    scs: tuple[Path, ...]  # JPEG-LS
+    scs: tuple[Path, ...]  # JPEG-LS overlays
+    extras: tuple[Path, ...]  # the summary SC and the GSPS
 
     @property
     def results(self) -> list[Path]:
         return [self.sr, *self.scs]
 
 
+def _save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 @pytest.fixture
 def result_files(tmp_path: Path) -> ResultFiles:
-    """A two-image DX study, its SR and its two JPEG-LS Secondary Captures, written to files."""
+    """A two-image DX study and every result object built for it, written to files."""
     sources = wrist_sources(2)
     result = study_result(sources, boxes=[(Box(10, 20, 40, 60, 0.81),), ()])
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    sr = build_sr(result, by_uid, software_version="test")
     scs = build_overlays(
         result, by_uid, frames_of(sources), software_version="test", transfer_syntax="jpeg-ls"
     )
-    paths: list[Path] = []
-    for name, ds in [
-        ("sr", sr),
-        *((f"sc{i}", sc) for i, sc in enumerate(scs)),
-        *((f"dx{i}", src) for i, src in enumerate(sources)),
-    ]:
-        path = tmp_path / f"{name}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+    extras = [build_summary(result, by_uid, software_version="test")]
+    extras += build_gsps(result, by_uid, software_version="test")
     return ResultFiles(
         study_uid=result.study_instance_uid,
-        sources=tuple(paths[3:]),
-        sr=paths[0],
-        scs=tuple(paths[1:3]),
+        sources=tuple(_save(ds, tmp_path / f"dx{i}.dcm") for i, ds in enumerate(sources)),
+        sr=_save(build_sr(result, by_uid, software_version="test"), tmp_path / "sr.dcm"),
+        scs=tuple(_save(ds, tmp_path / f"sc{i}.dcm") for i, ds in enumerate(scs)),
+        extras=tuple(_save(ds, tmp_path / f"extra{i}.dcm") for i, ds in enumerate(extras)),
     )
 
 
@@ -311,13 +320,15 @@ def test_orthanc_keeps_one_copy_of_each_result(orthanc: OrthancServer, result_fi
     for source in result_files.sources:
         orthanc.upload(source)
     peer = Peer(orthanc.aet, "127.0.0.1", orthanc.dicom_port)
-    first = send_files(peer, result_files.results, calling_ae=CALLING, max_pdu=131072)
+    everything = [*result_files.results, *result_files.extras]
+    first = send_files(peer, everything, calling_ae=CALLING, max_pdu=131072)
     assert all(o.delivered for o in first), first
-    instances = orthanc.wait_for(result_files.study_uid, lambda found: len(found) == 5)
+    instances = orthanc.wait_for(result_files.study_uid, lambda found: len(found) == 8)
     by_class: dict[str, int] = {}
     for instance in instances:
         by_class[instance.sop_class_uid] = by_class.get(instance.sop_class_uid, 0) + 1
-    assert by_class == {DX_PRESENTATION: 2, COMPREHENSIVE_3D_SR: 1, SecondaryCaptureImageStorage: 2}
+    # 2 radiographs; the SR; 2 overlays and the summary; a GSPS per radiograph.
+    assert by_class == {DX_PRESENTATION: 2, COMPREHENSIVE_3D_SR: 1, SecondaryCaptureImageStorage: 3, GSPS: 2}
     (sr,) = (i for i in instances if i.sop_class_uid == COMPREHENSIVE_3D_SR)
     tags = orthanc.tags(sr.orthanc_id)
     assert tags["SeriesDescription"] == "AI fracture analysis \u2014 not for diagnostic use"
@@ -330,9 +341,9 @@ def test_orthanc_keeps_one_copy_of_each_result(orthanc: OrthancServer, result_fi
     }
     assert referenced == {_uid(path) for path in result_files.sources}
 
-    again = send_files(peer, result_files.results, calling_ae=CALLING, max_pdu=131072)
+    again = send_files(peer, everything, calling_ae=CALLING, max_pdu=131072)
     assert all(o.delivered for o in again), again
-    assert len(orthanc.instances_of_study(result_files.study_uid)) == 5  # the same UIDs: no copies
+    assert len(orthanc.instances_of_study(result_files.study_uid)) == 8  # the same UIDs: no copies
 
 
 @pytest.mark.orthanc

@@ -19,6 +19,7 @@ from inference.modelcard import ModelKind
 from inference.regions import Region
 from inference.values import Box, Outcome
 from node.results.common import SC_FOOTER, SERIES_DESCRIPTION
+from node.results.gsps import build_gsps
 from node.results.overlay import (
     POSITIVE_COLOUR,
     POSSIBLE_COLOUR,
@@ -31,6 +32,7 @@ from node.results.overlay import (
     render_overlay,
 )
 from node.results.sr import build_sr
+from node.results.summary import build_summary, summary_lines
 from tests.resultgen import card, flat_frame, frames_of, study_result, wrist_sources
 from tests.validators import assert_valid
 
@@ -246,3 +248,73 @@ def test_cr_source_rg3(tmp_path: Path, rg3_files: dict[str, Path]) -> None:
     assert back.Laterality == "R"
     assert back.Columns == source.Columns  # 1760 px: no enlargement
     assert back.Rows > source.Rows  # header and footer bands
+
+
+def test_summary_sc(tmp_path: Path) -> None:
+    sources = wrist_sources(2)
+    result = study_result(sources, out_of_group=True, region=Region.ELBOW)
+    skipped = replace(result.groups[0].images[0], sop_instance_uid="1.2.3.4", error="decode failed")
+    result = replace(result, not_analysed=(skipped,))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    summary = build_summary(result, by_uid, software_version=SOFTWARE)
+    path = tmp_path / "summary.dcm"
+    summary.save_as(path, enforce_file_format=True)
+    assert_valid(path, "SCImage")
+    back = pydicom.dcmread(path)
+    overlays = build_overlays(result, by_uid, frames_of(sources), software_version=SOFTWARE)
+    assert back.SeriesInstanceUID == overlays[0].SeriesInstanceUID
+    assert back.InstanceNumber == len(overlays) + 1
+    assert back.SOPInstanceUID not in {sc.SOPInstanceUID for sc in overlays}
+    assert back.BurnedInAnnotation == "YES" and back.Laterality == "R"
+    lines = summary_lines(result)
+    texts = [text for text, _ in lines]
+    assert "upper-distal: fracture PRESENT" in texts
+    assert any("p=0.82 at high_specificity" in text and "regions elbow" in text for text in texts)
+    assert [text for text, colour in lines if colour == WARNING_COLOUR] == [
+        "    WARNING: out of group - read by the upper-distal model, not validated there"
+    ]
+    assert "Not analysed: 1 image(s)" in texts and "    decode failed" in texts
+    assert texts[-1] == SC_FOOTER
+    assert back.pixel_array.shape[1] == 1024
+
+
+def _annotations(gsps: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
+    return {item.GraphicLayer: item for item in gsps.GraphicAnnotationSequence}
+
+
+def test_gsps_carries_the_boxes(tmp_path: Path) -> None:
+    sources = wrist_sources(1)
+    solid, dashed, hidden = Box(10, 20, 40, 60, 0.81), Box(50, 70, 80, 100, 0.40), Box(5, 5, 9, 9, 0.1)
+    result = study_result(sources, boxes=[(solid, dashed, hidden)], out_of_group=True, region=Region.ELBOW)
+    (gsps,) = build_gsps(result, {str(sources[0].SOPInstanceUID): sources[0]}, software_version=SOFTWARE)
+    path = tmp_path / "gsps.dcm"
+    gsps.save_as(path, enforce_file_format=True)
+    assert_valid(path, "GrayscaleSoftcopyPresentationState")
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"
+    assert back.Laterality == "R" and back.PresentationLUTShape == "IDENTITY"
+    assert back.SeriesDescription == SERIES_DESCRIPTION
+    referenced = back.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+    layers = _annotations(back)
+    assert set(layers) == {"AI_POSITIVE", "AI_POSSIBLE", "AI_TEXT"}
+    for layer, box in (("AI_POSITIVE", solid), ("AI_POSSIBLE", dashed)):
+        (graphic,) = layers[layer].GraphicObjectSequence
+        assert graphic.GraphicType == "POLYLINE" and graphic.GraphicAnnotationUnits == "PIXEL"
+        np.testing.assert_allclose(
+            np.reshape(graphic.GraphicData, (-1, 2)),
+            [[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1], [box.x0, box.y0]],
+        )
+    texts = [item.UnformattedTextValue for item in layers["AI_TEXT"].TextObjectSequence]
+    assert texts[:2] == ["0.81", "0.40"]  # the hidden box has no label either
+    assert texts[2].startswith("upper-distal: fracture PRESENT") and "out of group" in texts[2]
+
+
+def test_gsps_on_a_monochrome1_cr(tmp_path: Path, rg3_files: dict[str, Path]) -> None:
+    source = pydicom.dcmread(rg3_files["RG3_UNCR"])
+    result = study_result([source], boxes=[(Box(700, 800, 1000, 1150, 0.91),)], region=Region.ANKLE)
+    (gsps,) = build_gsps(result, {str(source.SOPInstanceUID): source}, software_version=SOFTWARE)
+    path = tmp_path / "gsps-cr.dcm"
+    gsps.save_as(path, enforce_file_format=True)
+    assert_valid(path, "GrayscaleSoftcopyPresentationState")
+    assert gsps.PresentationLUTShape == "INVERSE"  # MONOCHROME1 shown as its modality meant

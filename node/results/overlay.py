@@ -110,9 +110,7 @@ def build_overlays(
     columns, values in [0, 1], MONOCHROME2 (0 is black). ``transfer_syntax`` is "explicit",
     "jpeg-ls" or "jpeg-baseline".
     """
-    if transfer_syntax not in SC_SYNTAXES:
-        raise ValueError(f"unknown SC transfer syntax {transfer_syntax!r}; use one of {sorted(SC_SYNTAXES)}")
-    syntax, photometric = SC_SYNTAXES[transfer_syntax]
+    syntax, photometric = sc_syntax(transfer_syntax)
     versions = model_versions(result)
     series_uid = result_uid(result.study_instance_uid, versions, result.revision, Role.SC_SERIES)
     out: list[Dataset] = []
@@ -145,7 +143,7 @@ def build_overlays(
             instance_number=index + 1,
             manufacturer=MANUFACTURER,
             patient_orientation=("L", "F"),  # replaced by the source's value below
-            laterality=_laterality(source, image),
+            laterality=laterality_of(source, image),
             transfer_syntax_uid=syntax,
             contributing_equipment=model_equipment(group.models),
             series_description=SERIES_DESCRIPTION,
@@ -195,7 +193,7 @@ def drawn_boxes(boxes: Sequence[Box], detector: ModelCard | None) -> list[DrawnB
     return drawn
 
 
-_OUTCOME_WORDS = {
+OUTCOME_WORDS = {
     Outcome.POSITIVE: "fracture PRESENT",
     Outcome.POSSIBLE: "fracture POSSIBLE",
     Outcome.NEGATIVE: "no fracture found",
@@ -205,7 +203,7 @@ _OUTCOME_WORDS = {
 
 def header_lines(group: GroupResult, image: ImageResult) -> list[tuple[str, tuple[int, int, int]]]:
     """The header text: outcome line, probabilities line, then the out-of-group warning."""
-    words = _OUTCOME_WORDS[group.outcome]
+    words = OUTCOME_WORDS[group.outcome]
     if group.outcome == Outcome.NOT_ANALYSED and group.reason:
         words = f"{words}: {group.reason}"
     lines: list[tuple[str, tuple[int, int, int]]] = [(f"{group.group}: {words}", TEXT_COLOUR)]
@@ -299,6 +297,21 @@ class Rendered:
         return int(x * self.scale), int(y * self.scale) + self.frame_top
 
 
+def render_text_card(
+    lines: Sequence[tuple[str, tuple[int, int, int]]], *, width: int = 1024
+) -> NDArray[np.uint8]:
+    """Lines of text on black, wrapped to ``width`` pixels (the study summary's picture)."""
+    plan = layout(width, width)
+    font = _font(plan.font_size)
+    wrapped = [(line, colour) for text, colour in lines for line in _wrap(text, font, width - 2 * plan.pad)]
+    height = 2 * plan.pad + max(1, len(wrapped)) * plan.line_height
+    canvas = Image.new("RGB", (width, height), BAND_COLOUR)
+    draw = ImageDraw.Draw(canvas)
+    for number, (text, colour) in enumerate(wrapped):
+        draw.text((plan.pad, plan.pad + number * plan.line_height), text, fill=colour, font=font)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
 LEGEND = "solid: past the high-specificity point; dashed: past the high-sensitivity point only"
 
 
@@ -385,25 +398,27 @@ def _label(
 
 
 def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
-    """``text`` broken at spaces into lines no wider than ``width`` pixels (a long word is cut)."""
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (a long word is cut).
+
+    Leading spaces indent every line of the paragraph; an empty text is one empty line.
+    """
+    indent = text[: len(text) - len(text.lstrip(" "))]
     lines: list[str] = []
     current = ""
     for word in text.split():
-        candidate = f"{current} {word}" if current else word
+        candidate = f"{current} {word}" if current else indent + word
         if font.getlength(candidate) <= width or not current:
             current = candidate
         else:
             lines.append(current)
-            current = word
-        while font.getlength(current) > width and len(current) > 1:
+            current = indent + word
+        while font.getlength(current) > width and len(current) > len(indent) + 1:
             cut = len(current) - 1
-            while cut > 1 and font.getlength(current[:cut]) > width:
+            while cut > len(indent) + 1 and font.getlength(current[:cut]) > width:
                 cut -= 1
             lines.append(current[:cut])
-            current = current[cut:]
-    if current:
-        lines.append(current)
-    return lines
+            current = indent + current[cut:]
+    return lines if current == "" and lines else [*lines, current]
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -423,7 +438,14 @@ def _dejavu() -> Path | None:
     return path if path.is_file() else None
 
 
-def _laterality(source: Dataset, image: ImageResult) -> str | None:
+def sc_syntax(transfer_syntax: str) -> tuple[UID, str]:
+    """Transfer syntax UID and photometric interpretation for an SC syntax setting."""
+    if transfer_syntax not in SC_SYNTAXES:
+        raise ValueError(f"unknown SC transfer syntax {transfer_syntax!r}; use one of {sorted(SC_SYNTAXES)}")
+    return SC_SYNTAXES[transfer_syntax]
+
+
+def laterality_of(source: Dataset, image: ImageResult) -> str | None:
     """Series laterality for the SC: the source's, else the routed one; only R or L are valid."""
     for value in (source.get("Laterality"), source.get("ImageLaterality"), image.routing.laterality):
         if isinstance(value, str) and value.strip().upper() in ("R", "L"):
