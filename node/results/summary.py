@@ -112,10 +112,11 @@ def build_summary(
         manufacturer_model_name=MANUFACTURER,
         software_versions=software_version,
     )
-    sc.PatientOrientation = ""
+    sc.PatientOrientation = []  # type 2: present and empty
     # Type 2C for a paired body part (PS3.3 C.7.3.1): the one side every image shows, else empty.
     sides = {image.routing.laterality for group in result.groups for image in group.images}
-    sc.Laterality = sides.pop() if len(sides) == 1 and sides <= {"L", "R"} else ""
+    side = next(iter(sides)) if len(sides) == 1 else None
+    sc.Laterality = side if side in ("L", "R") and side is not None else ""
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = "Summary of the fracture AI result of this study; not for diagnostic use"
     return sc
