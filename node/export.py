@@ -34,6 +34,7 @@ from pathlib import Path
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -233,7 +234,9 @@ def _read_meta(path: Path) -> _File:
 
 
 def _offered_syntaxes(syntax: UID) -> list[str | UID]:
-    if syntax in _UNCOMPRESSED:
+    # A chunked send puts the file's bytes on the wire unchanged, so only its own syntax can
+    # be used; otherwise pynetdicom can re-encode between the uncompressed syntaxes.
+    if syntax in _UNCOMPRESSED and not pynetdicom_config.STORE_SEND_CHUNKED_DATASET:
         return [syntax, *(other for other in _UNCOMPRESSED if other != syntax)]
     return [syntax]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,11 +21,10 @@ from pathlib import Path
 from node.export import ExportError, Peer, backoff_delay, send_files
 from node.hl7 import Hl7DeliveryError, send_mllp
 from node.metrics import Metrics
-from node.settings import Destination
 from storage import repo
 from storage.db import Database
 from storage.errors import StorageError
-from storage.views import OutboxKind, OutboxView
+from storage.views import OutboxKind, OutboxState, OutboxView
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +40,6 @@ class OutboxConfig:
     hl7_port: int = 2575
     hl7_timeout_s: float = 10.0
     lease_seconds: float = 300.0
-
-
-def peer_for(destination: Destination) -> Peer:
-    context: ssl.SSLContext | None = None
-    if destination.tls:
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(destination.tls_ca_file) if destination.tls_ca_file else None
-        )
-        if destination.tls_cert_file is not None:
-            context.load_cert_chain(
-                str(destination.tls_cert_file),
-                str(destination.tls_key_file) if destination.tls_key_file else None,
-            )
-    return Peer(ae_title=destination.ae_title, host=destination.host, port=destination.port, tls=context)
 
 
 class OutboxRunner:
@@ -91,8 +75,9 @@ class OutboxRunner:
         status, error = self._deliver(item)
         now = self.clock()
         if error is None:
-            repo.outbox_delivered(self.db, item.id, status, now)
+            repo.outbox_delivered(self.db, item.id, status if status is not None else 0, now)
             self.metrics.export_attempt(item.destination, sent=True)
+            self._observe_latency(item.study_uid, item.revision, now)
             return True
         attempt = item.attempts  # the claim counted this attempt
         will_retry = attempt < self.config.max_attempts
@@ -104,10 +89,23 @@ class OutboxRunner:
         self.metrics.export_attempt(item.destination, sent=False, will_retry=will_retry)
         log.warning(
             "delivery of item %d to %s failed (attempt %d of %d): %s%s",
-            item.id, item.destination, attempt, self.config.max_attempts, error,
+            item.id,
+            item.destination,
+            attempt,
+            self.config.max_attempts,
+            error,
             "" if will_retry else " -> dead letter",
         )
         return True
+
+    def _observe_latency(self, study_uid: str, revision: int, now: datetime) -> None:
+        """Study latency: from ready to the last result of its revision acknowledged."""
+        detail = repo.get_study(self.db, study_uid)
+        if detail is None or detail.study.ready_at is None or detail.study.revision != revision:
+            return
+        items = [i for i in detail.outbox if i.revision == revision]
+        if items and all(i.state == OutboxState.DELIVERED for i in items):
+            self.metrics.study_latency.observe(max(0.0, (now - detail.study.ready_at).total_seconds()))
 
     def _deliver(self, item: OutboxView) -> tuple[int | None, str | None]:
         path = Path(item.payload_path)
@@ -118,7 +116,12 @@ class OutboxRunner:
                 return None, "no HL7 endpoint configured (hl7.host)"
             try:
                 with self.metrics.time_stage("send"):
-                    send_mllp(self.config.hl7_host, self.config.hl7_port, path.read_text("utf-8"), self.config.hl7_timeout_s)
+                    send_mllp(
+                        self.config.hl7_host,
+                        self.config.hl7_port,
+                        path.read_text("utf-8"),
+                        self.config.hl7_timeout_s,
+                    )
             except Hl7DeliveryError as exc:
                 return None, str(exc)
             return 0, None
@@ -128,8 +131,11 @@ class OutboxRunner:
         try:
             with self.metrics.time_stage("send"):
                 (outcome,) = send_files(
-                    peer, [path], calling_ae=self.config.calling_ae_title,
-                    priority=item.dimse_priority, max_pdu=self.config.max_pdu,
+                    peer,
+                    [path],
+                    calling_ae=self.config.calling_ae_title,
+                    priority=item.dimse_priority,
+                    max_pdu=self.config.max_pdu,
                 )
         except ExportError as exc:
             return None, str(exc)

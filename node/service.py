@@ -24,13 +24,14 @@ from node import __version__
 from node.analysis import AnalysisConfig
 from node.api import ApiServer
 from node.assembly import StudyAssembler
+from node.commands.studies import open_database
+from node.export import peer_for
 from node.ingest import StoreHandler
 from node.metrics import Metrics
 from node.modelset import ModelSet, load_model_set
-from node.outbox import OutboxConfig, OutboxRunner, peer_for
+from node.outbox import OutboxConfig, OutboxRunner
 from node.outputs import OutputConfig
 from node.scp import DicomServer, ScpConfig
-from node.commands.studies import open_database
 from node.settings import Settings
 from node.spool import Spool, SpoolConfig
 from node.worker import StudyProcessor, WorkerConfig, WorkerPool, results_directory
@@ -56,7 +57,9 @@ def storage_config(settings: Settings) -> StorageConfig:
 
 def spool_config(settings: Settings) -> SpoolConfig:
     s = settings.spool
-    return SpoolConfig(directory=Path(s.directory), min_free_bytes=s.min_free_bytes, min_free_fraction=s.min_free_fraction)
+    return SpoolConfig(
+        directory=Path(s.directory), min_free_bytes=s.min_free_bytes, min_free_fraction=s.min_free_fraction
+    )
 
 
 def scp_config(settings: Settings) -> ScpConfig:
@@ -114,8 +117,6 @@ def load_models(settings: Settings) -> ModelSet:
     return load_model_set(settings.models.directory, device=settings.models.device)
 
 
-
-
 @dataclass
 class Node:
     """Every long-lived component of a running node."""
@@ -167,7 +168,9 @@ class Node:
                 ),
                 on_outbox=self.outbox.wake,
             )
-            self.workers = WorkerPool(processor, s.worker.threads, idle_poll_s=1.0, name=f"worker-{os.getpid()}")
+            self.workers = WorkerPool(
+                processor, s.worker.threads, idle_poll_s=1.0, name=f"worker-{os.getpid()}"
+            )
         self.assembler = StudyAssembler(
             self.db,
             self.metrics,

@@ -16,7 +16,7 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATASETS = SHARED / "datasets"
 
-pytest_plugins: list[str] = ["tests.pg", "tests.orthanc"]
+pytest_plugins: list[str] = ["tests.pg", "tests.orthanc", "tests.nodeproc"]
 
 
 def free_port() -> int:

@@ -5,16 +5,13 @@ from __future__ import annotations
 import shutil
 import socket
 import struct
-import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     generate_uid,
 )
@@ -24,8 +21,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.status import StoreStatus
 from storage import repo
-from tests.dicomgen import ALL_SYNTAXES, CT_STORAGE, make_dataset, encode, write
-from tests.nodeproc import InProcessNode, node, start_in_process, storescu  # noqa: F401  (fixture)
+from tests.dicomgen import ALL_SYNTAXES, CT_STORAGE, encode, make_dataset, write
+from tests.nodeproc import InProcessNode, start_in_process, storescu
+
 
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset after the file meta, as a sender puts it on the wire."""
@@ -106,13 +104,17 @@ def test_real_cr_files_and_resend_with_different_bytes(
     assert received(node, "stored", "cr") == 3
 
     # A true re-send with different bytes: RG3_UNCR re-encoded (RLE) under its own SOP Instance UID.
-    resent = write(encode(pydicom.dcmread(rg3_files["RG3_UNCR"]), UID("1.2.840.10008.1.2.5")), tmp_path / "rle.dcm")
+    resent = write(
+        encode(pydicom.dcmread(rg3_files["RG3_UNCR"]), UID("1.2.840.10008.1.2.5")), tmp_path / "rle.dcm"
+    )
     # pynetdicom sends the file's dataset bytes unchanged (storescu re-encodes group lengths).
     assert send_with_pynetdicom(resent, node.port) == StoreStatus.SUCCESS
     detail = repo.get_study(node.db, study_uid)
     assert detail is not None and detail.study.instance_count == 3
     assert [c.sop_uid for c in detail.changes] == [str(ds.SOPInstanceUID)]
-    instance = next(i for i in repo.study_instances(node.db, study_uid) if i.sop_uid == str(ds.SOPInstanceUID))
+    instance = next(
+        i for i in repo.study_instances(node.db, study_uid) if i.sop_uid == str(ds.SOPInstanceUID)
+    )
     assert dataset_bytes(node.spool.root / instance.path) == dataset_bytes(resent)
     assert received(node, "replaced", "cr") == 1
 
@@ -152,7 +154,9 @@ def test_unknown_sop_class_is_not_accepted(node: InProcessNode, tmp_path: Path) 
         ({"StudyInstanceUID": None}, StoreStatus.CANNOT_UNDERSTAND_MISSING_UID),
     ],
 )
-def test_bad_uids_are_refused(node: InProcessNode, tmp_path: Path, change: dict[str, str | None], expected: int) -> None:
+def test_bad_uids_are_refused(
+    node: InProcessNode, tmp_path: Path, change: dict[str, str | None], expected: int
+) -> None:
     ds = make_dataset()
     for keyword, value in change.items():
         if value is None:
@@ -238,7 +242,10 @@ def test_calling_ae_allow_list(tmp_path: Path) -> None:
     try:
         assert _echo(running.port, calling="INTRUDER") is None
         assert _echo(running.port, calling="PACS") == 0
-        assert running.registry.get_sample_value("fracnode_associations_rejected_total", {"reason": "ae_title"}) == 1
+        assert (
+            running.registry.get_sample_value("fracnode_associations_rejected_total", {"reason": "ae_title"})
+            == 1
+        )
     finally:
         running.server.stop()
         running.db.dispose()
@@ -248,7 +255,9 @@ def test_host_allow_list_closes_other_hosts(tmp_path: Path) -> None:
     running = start_in_process(tmp_path, allowed_hosts=("10.255.255.1",))
     try:
         assert _echo(running.port) is None
-        assert running.registry.get_sample_value("fracnode_associations_rejected_total", {"reason": "host"}) == 1
+        assert (
+            running.registry.get_sample_value("fracnode_associations_rejected_total", {"reason": "host"}) == 1
+        )
     finally:
         running.server.stop()
         running.db.dispose()
@@ -325,4 +334,9 @@ def test_generated_uid_is_valid() -> None:
     from node.uids import is_valid_uid
 
     assert is_valid_uid(str(generate_uid()))
-    assert not is_valid_uid("1..2") and not is_valid_uid(".1") and not is_valid_uid("1.2.") and not is_valid_uid("")
+    assert (
+        not is_valid_uid("1..2")
+        and not is_valid_uid(".1")
+        and not is_valid_uid("1.2.")
+        and not is_valid_uid("")
+    )

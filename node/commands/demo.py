@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--host", default=None, help="node host (default: dicom.host)")
     parser.add_argument("--port", type=int, default=None, help="node DICOM port (default: dicom.port)")
     parser.add_argument("--ae", default=None, help="node AE title (default: dicom.ae_title)")
-    parser.add_argument("--api", default=None, help="node HTTP API base URL (default: from api.host/api.port)")
+    parser.add_argument(
+        "--api", default=None, help="node HTTP API base URL (default: from api.host/api.port)"
+    )
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the result")
     parser.set_defaults(handler=run_demo)
 
@@ -58,10 +60,14 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         try:
             outcomes = send_files(peer, paths, calling_ae="FRACNODE_DEMO")
         except ExportError as exc:
-            raise CliError(f"cannot send the sample study to {peer.ae_title} at {host}:{port}: {exc}") from exc
+            raise CliError(
+                f"cannot send the sample study to {peer.ae_title} at {host}:{port}: {exc}"
+            ) from exc
     failed = [o for o in outcomes if not o.delivered]
     if failed:
-        raise CliError(f"{len(failed)} of {len(outcomes)} images were refused: {failed[0].error or failed[0].status}")
+        raise CliError(
+            f"{len(failed)} of {len(outcomes)} images were refused: {failed[0].error or failed[0].status}"
+        )
     print(f"sent a synthetic 3-view wrist study ({study_uid}) to {peer.ae_title} at {host}:{port}")
 
     started = time.monotonic()
@@ -90,9 +96,12 @@ def print_result(detail: dict[str, Any], seconds: float) -> None:
         probability = "-" if group["probability"] is None else f"{group['probability']:.3f}"
         warning = "  [OUT OF GROUP: model of a neighbouring group]" if group["out_of_group"] else ""
         models = ", ".join(f"{m['name']} {m['version']}" for m in group["models"])
-        print(f"  {group['group']:<15} {group['outcome']:<12} p={probability} at {group['operating_point'] or '-'}"
-              f"  {group['images']} images, {group['boxes']} boxes; regions {', '.join(group['regions'])}; "
-              f"models {models}{warning}")
+        print(
+            f"  {group['group']:<15} {group['outcome']:<12} p={probability} "
+            f"at {group['operating_point'] or '-'}"
+            f"  {group['images']} images, {group['boxes']} boxes; regions {', '.join(group['regions'])}; "
+            f"models {models}{warning}"
+        )
     for image in outcome.get("not_analysed", []):
         print(f"  not analysed: {image['region']} ({image['reason']})")
     outputs = detail.get("outputs", [])

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.cli import CliError
@@ -25,8 +26,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send.add_argument("paths", nargs="+", type=Path, metavar="FILES_OR_DIRS")
     send.add_argument("--host", default=None, help="peer host (default: this node's dicom.host)")
     send.add_argument("--port", type=int, default=None, help="peer port (default: this node's dicom.port)")
-    send.add_argument("--ae", "--called-ae", dest="called_ae", default=None,
-                      help="called AE title (default: this node's dicom.ae_title)")
+    send.add_argument(
+        "--ae",
+        "--called-ae",
+        dest="called_ae",
+        default=None,
+        help="called AE title (default: this node's dicom.ae_title)",
+    )
     send.add_argument("--calling-ae", default="FRACNODE_SCU", help="our AE title")
     send.set_defaults(handler=run_send)
 
@@ -88,6 +94,8 @@ def run_send(args: argparse.Namespace, settings: Settings) -> int:
             print(f"skipped         {path}  (not a DICOM file)")
     if not files:
         raise CliError("no DICOM files to send")
+    # Send each file's bytes as they are on disk instead of decoding and re-encoding them.
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     peer = Peer(
         ae_title=args.called_ae or settings.dicom.ae_title,
         host=args.host or settings.dicom.host,

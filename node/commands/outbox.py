@@ -40,13 +40,17 @@ def list_items(args: argparse.Namespace, settings: Settings) -> int:
         items = repo.list_outbox(db, OutboxState(args.state) if args.state else None, limit=args.limit)
     finally:
         db.dispose()
-    print(f"{'ID':>6}  {'STATE':<9} {'KIND':<5} {'DESTINATION':<16} {'TRIES':>5} {'STATUS':<7} {'NEXT ATTEMPT':<19}  STUDY / ERROR")
+    print(
+        f"{'ID':>6}  {'STATE':<9} {'KIND':<5} {'DESTINATION':<16} {'TRIES':>5} {'STATUS':<7} "
+        f"{'NEXT ATTEMPT':<19}  STUDY / ERROR"
+    )
     for item in items:
         status = "-" if item.last_status is None else f"0x{item.last_status:04X}"
         nxt = item.next_attempt_at.isoformat(timespec="seconds")[:19]
         print(
             f"{item.id:>6}  {item.state:<9} {item.kind:<5} {item.destination:<16} {item.attempts:>5} {status:<7} "
-            f"{nxt:<19}  {item.study_uid} r{item.revision}{'  ' + item.last_error if item.last_error else ''}"
+            f"{nxt:<19}  {item.study_uid} r{item.revision}"
+            f"{'  ' + item.last_error if item.last_error else ''}"
         )
     return 0
 
