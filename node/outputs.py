@@ -21,8 +21,10 @@ from pydicom.dataset import Dataset
 
 from inference.values import Priority, StudyResult
 from node.analysis import Analysis
+from node.results.gsps import build_gsps
 from node.results.overlay import build_overlays
 from node.results.sr import build_sr
+from node.results.summary import build_summary
 from node.spool import write_durably
 from storage.views import OutboxKind, OutboxRecord
 
@@ -39,6 +41,8 @@ class OutputConfig:
     software_version: str
     destinations: tuple[str, ...]  # destination names from the settings
     sc_transfer_syntax: str = "explicit"
+    summary_sc: bool = False
+    gsps: bool = False
     hl7_destination: str | None = None  # "hl7" when a RIS endpoint is configured
 
 
@@ -69,6 +73,17 @@ def build_objects(analysis: Analysis, config: OutputConfig) -> list[Dataset]:
                 transfer_syntax=config.sc_transfer_syntax,
             )
         )
+        if config.summary_sc:
+            objects.append(
+                build_summary(
+                    result,
+                    analysis.sources,
+                    software_version=config.software_version,
+                    transfer_syntax=config.sc_transfer_syntax,
+                )
+            )
+        if config.gsps:
+            objects.extend(build_gsps(result, analysis.sources, software_version=config.software_version))
     return objects
 
 
@@ -136,7 +151,9 @@ def summary(result: StudyResult) -> dict[str, object]:
                 "operating_point": g.operating_point,
                 "regions": [str(r) for r in g.regions],
                 "out_of_group": g.out_of_group,
-                "models": [{"name": c.name, "version": c.version, "device_uid": c.device_uid} for c in g.models],
+                "models": [
+                    {"name": c.name, "version": c.version, "device_uid": c.device_uid} for c in g.models
+                ],
                 "images": len(g.images),
                 "boxes": sum(len(i.boxes) for i in g.images),
                 "reason": g.reason,

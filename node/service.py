@@ -95,6 +95,8 @@ def output_config(settings: Settings) -> OutputConfig:
         software_version=__version__,
         destinations=tuple(d.name for d in settings.export.destinations),
         sc_transfer_syntax=settings.export.sc_transfer_syntax,
+        summary_sc=settings.export.summary_sc,
+        gsps=settings.export.gsps,
         hl7_destination="hl7" if settings.hl7.host else None,
     )
 
