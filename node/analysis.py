@@ -27,7 +27,7 @@ from inference.pixels import PreparedImage, PreprocessConfig, prepare
 from inference.priority import decide_priority
 from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup, GroupTable, Region
 from inference.routing import KeywordTable, route
-from inference.values import Box, GroupResult, ImageResult, Outcome, Routing, RegionSource, StudyResult
+from inference.values import Box, GroupResult, ImageResult, Outcome, RegionSource, Routing, StudyResult
 from node.imaging import ImagingError, SourceFrame, header_facts, load_frames
 from node.metrics import Metrics
 from node.modelset import GroupModels, ModelSet
@@ -160,7 +160,9 @@ def _analyse_group(
         images = tuple(
             ImageResult(i.frame.sop_instance_uid, i.frame.frame, i.routing, None, (), reason) for i in items
         )
-        return GroupResult(group, Outcome.NOT_ANALYSED, None, None, regions, out_of_group, models.cards, images, reason)
+        return GroupResult(
+            group, Outcome.NOT_ANALYSED, None, None, regions, out_of_group, models.cards, images, reason
+        )
 
     images = tuple(
         ImageResult(i.frame.sop_instance_uid, i.frame.frame, i.routing, float(p), tuple(b))

@@ -19,7 +19,11 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-VIEWS = (("PA", "R-10214", "postero-anterior"), ("LL", "R-10236", "left lateral"), ("AP", "R-10206", "antero-posterior"))
+VIEWS = (
+    ("PA", "R-10214", "postero-anterior"),
+    ("LL", "R-10236", "left lateral"),
+    ("AP", "R-10206", "antero-posterior"),
+)
 
 
 def wrist_phantom(rows: int = 640, cols: int = 512, *, view: int = 0, seed: int = 0) -> NDArray[np.uint16]:

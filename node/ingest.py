@@ -86,13 +86,26 @@ def read_identity(stream: bytes, *, implicit_vr: bool, little_endian: bool, defl
     try:
         ds = decode(BytesIO(stream), implicit_vr, little_endian, deflated)
         _check_complete(ds, stream, deflated)
-        values = {k: _text(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
+        values = {
+            k: _text(ds, k)
+            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        }
         modality = _text(ds, "Modality")
         body_part = _text(ds, "BodyPartExamined")
     except IngestError:
         raise
-    except (InvalidDicomError, ValueError, EOFError, struct.error, KeyError, TypeError, AttributeError,
-            OverflowError, IndexError, NotImplementedError) as exc:
+    except (
+        InvalidDicomError,
+        ValueError,
+        EOFError,
+        struct.error,
+        KeyError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+        IndexError,
+        NotImplementedError,
+    ) as exc:
         raise UnreadableDatasetError(f"the dataset cannot be parsed ({type(exc).__name__})") from exc
     for keyword, value in values.items():
         if not value:
@@ -125,7 +138,9 @@ def _check_complete(ds: Dataset, stream: bytes, deflated: bool) -> None:
         if not isinstance(raw, RawDataElement) or raw.value is None:
             continue
         if raw.length != _UNDEFINED_LENGTH and len(raw.value) != raw.length:
-            raise UnreadableDatasetError(f"element {tag} is truncated ({len(raw.value)} of {raw.length} bytes)")
+            raise UnreadableDatasetError(
+                f"element {tag} is truncated ({len(raw.value)} of {raw.length} bytes)"
+            )
     pixel = ds.get_item(0x7FE00010)
     if isinstance(pixel, RawDataElement) and pixel.length == _UNDEFINED_LENGTH and not deflated:
         last_tag = max(ds.keys())
@@ -187,7 +202,9 @@ class StoreHandler:
                 tally.stored += 1
         return int(status)
 
-    def _store(self, event: Any, stream: bytes, context: Any, request: Any, tally: _AssociationTally) -> tuple[StoreStatus, str]:
+    def _store(
+        self, event: Any, stream: bytes, context: Any, request: Any, tally: _AssociationTally
+    ) -> tuple[StoreStatus, str]:
         syntax = UID(context.transfer_syntax)
         try:
             identity = read_identity(
@@ -201,7 +218,9 @@ class StoreHandler:
             if identity.sop_uid != str(request.AffectedSOPInstanceUID):
                 raise SopClassMismatchError("the dataset's SOP Instance UID differs from the request's")
         except IngestError as exc:
-            log.warning("C-STORE rejected from %s (%s): %s -> 0x%04X", tally.calling_ae, tally.peer, exc, exc.status)
+            log.warning(
+                "C-STORE rejected from %s (%s): %s -> 0x%04X", tally.calling_ae, tally.peer, exc, exc.status
+            )
             return exc.status, "rejected"
 
         digest = sha256_hex(stream)

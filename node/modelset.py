@@ -103,9 +103,7 @@ def load_model_set(
                 current_d = detectors.get(group)
                 if _better(verified.card, current_d.card if current_d else None, group):
                     detectors[group] = model  # type: ignore[assignment]
-    groups = {
-        g: GroupModels(classifiers.get(g), detectors.get(g)) for g in set(classifiers) | set(detectors)
-    }
+    groups = {g: GroupModels(classifiers.get(g), detectors.get(g)) for g in set(classifiers) | set(detectors)}
     for group, models in sorted(groups.items()):
         log.info("group %s: %s", group, ", ".join(f"{c.name} {c.version}" for c in models.cards))
     return ModelSet(groups=groups, region_model=region_model, packages=tuple(packages))

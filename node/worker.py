@@ -86,7 +86,9 @@ class StudyProcessor:
         except (ResultBuildError, OSError, ValueError, RuntimeError) as exc:
             log.exception("study processing failed (job %d, revision %d)", job.id, job.revision)
             self.metrics.processing_failures.labels(stage="report").inc()
-            repo.fail_job(self.db, job.id, f"{type(exc).__name__}: {exc}"[:500], self.clock(), self.config.retry_delay_s)
+            repo.fail_job(
+                self.db, job.id, f"{type(exc).__name__}: {exc}"[:500], self.clock(), self.config.retry_delay_s
+            )
         return True
 
     def process(self, job: JobView) -> StudyResult:
@@ -107,8 +109,12 @@ class StudyProcessor:
         signal, effective = signal_decision(Priority(previous) if previous else None, result.priority)
         if not signal:
             self.metrics.priority_lowering_withheld.labels(priority=str(effective)).inc()
-            log.info("revision %d is %s, lower than the signalled %s: recorded, not pushed",
-                     job.revision, result.priority, effective)
+            log.info(
+                "revision %d is %s, lower than the signalled %s: recorded, not pushed",
+                job.revision,
+                result.priority,
+                effective,
+            )
         with self.metrics.time_stage("report"):
             hl7 = self._hl7(result, analysis.sources) if self.outputs.hl7_destination else None
             written = write_result(analysis, self.outputs, signal=signal, hl7_message=hl7)
@@ -136,7 +142,10 @@ class StudyProcessor:
             self.on_outbox()
         log.info(
             "study processed: revision %d, priority %s, %d groups, %d objects",
-            job.revision, result.priority, len(result.groups), len(written.files),
+            job.revision,
+            result.priority,
+            len(result.groups),
+            len(written.files),
         )
         return result
 
@@ -193,7 +202,9 @@ class WorkerPool:
 
     def start(self) -> None:
         for index in range(self.threads):
-            thread = threading.Thread(target=self._run, args=(f"{self.name}-{index}",), name=f"worker-{index}", daemon=True)
+            thread = threading.Thread(
+                target=self._run, args=(f"{self.name}-{index}",), name=f"worker-{index}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from prometheus_client import CollectorRegistry
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.ingest import StoreHandler
 from node.metrics import Metrics
@@ -27,7 +27,9 @@ from storage.db import Database
 from tests.conftest import free_port
 
 
-def wait_for_port(host: str, port: int, timeout: float = 60.0, process: subprocess.Popen[Any] | None = None) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float = 60.0, process: subprocess.Popen[Any] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -101,12 +103,12 @@ def write_config(directory: Path, port: int, *, quiet_seconds: float = 1.0, extr
 port = {port}
 
 [spool]
-directory = "{directory / 'spool'}"
+directory = "{directory / "spool"}"
 min_free_bytes = 0
 min_free_fraction = 0.0
 
 [database]
-url = "sqlite:///{directory / 'fracnode.db'}"
+url = "sqlite:///{directory / "fracnode.db"}"
 
 [assembly]
 quiet_seconds = {quiet_seconds}
@@ -120,7 +122,9 @@ port = 0
     return config
 
 
-def fracnode(*args: str, config: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def fracnode(
+    *args: str, config: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "node"]
     if config is not None:
         command += ["--config", str(config)]
@@ -179,7 +183,9 @@ def storescu_config(directory: Path, sop_class: str, syntax: str) -> Path:
     return config
 
 
-def storescu(path: Path, port: int, *extra: str, called: str = "FRACNODE") -> subprocess.CompletedProcess[str]:
+def storescu(
+    path: Path, port: int, *extra: str, called: str = "FRACNODE"
+) -> subprocess.CompletedProcess[str]:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     if syntax in STORESCU_FLAGS:
@@ -193,5 +199,3 @@ def storescu(path: Path, port: int, *extra: str, called: str = "FRACNODE") -> su
         text=True,
         timeout=60,
     )
-
-

@@ -87,7 +87,9 @@ def test_orthanc_round_trip_and_idempotent_resend(
             assert isinstance(outcome, dict)
             analysed = sum(int(g["images"]) for g in outcome["groups"] if g["outcome"] != "not_analysed")
             instances = orthanc.wait_for(
-                uid, lambda found, n=analysed: len(_results(found)[0]) == 1 and len(_results(found)[1]) == n, 60
+                uid,
+                lambda found, n=analysed: len(_results(found)[0]) == 1 and len(_results(found)[1]) == n,
+                60,
             )
             srs, scs = _results(instances)
             held[uid] = (srs, scs)
@@ -107,7 +109,9 @@ def test_orthanc_round_trip_and_idempotent_resend(
             assert "not for diagnostic use" in str(sr.SeriesDescription)
             assert sr.VerificationFlag == "UNVERIFIED"
             for sc in scs:
-                assert sc.series_instance_uid not in {i.series_instance_uid for i in instances if i.sop_class_uid in SOURCE_CLASSES}
+                assert sc.series_instance_uid not in {
+                    i.series_instance_uid for i in instances if i.sop_class_uid in SOURCE_CLASSES
+                }
 
         # The DX study is a wrist (BodyPartExamined WRIST): it is analysed by the upper-distal model.
         groups = {g["group"] for g in outcomes[study.study_uid]["groups"]}  # type: ignore[index]
@@ -116,7 +120,10 @@ def test_orthanc_round_trip_and_idempotent_resend(
         # Send the same study again: the node acknowledges duplicates, and Orthanc keeps one copy.
         response = orthanc.client.post(
             "/modalities/fracnode/store",
-            json={"Resources": [orthanc.instances_of_study(study.study_uid)[0].orthanc_id], "Synchronous": True},
+            json={
+                "Resources": [orthanc.instances_of_study(study.study_uid)[0].orthanc_id],
+                "Synchronous": True,
+            },
             timeout=60,
         )
         response.raise_for_status()

@@ -4,10 +4,10 @@ the operator commands, and configuration errors."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 import subprocess
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -91,7 +91,9 @@ def test_kill_9_mid_study_loses_nothing_acknowledged(tmp_path: Path) -> None:
     study_uid = str(pydicom.uid.generate_uid())
     series_uid = str(pydicom.uid.generate_uid())
     datasets = [
-        make_dataset(study_uid=study_uid, series_uid=series_uid, instance_number=i, rows=512, cols=512, seed=i)
+        make_dataset(
+            study_uid=study_uid, series_uid=series_uid, instance_number=i, rows=512, cols=512, seed=i
+        )
         for i in range(200)
     ]
     acknowledged: list[str] = []
@@ -158,7 +160,9 @@ def test_quiet_window_and_late_arrival_reopen(tmp_path: Path) -> None:
         study, paths = make_study(tmp_path / "dx", 2)
         storescu(port, *paths)
         assert [s.state for s in repo.list_studies(db) if s.uid == study.study_uid] == ["receiving"]
-        wait_until(lambda: [r for r in studies_json(config) if r["uid"] == study.study_uid and r["state"] == "ready"])
+        wait_until(
+            lambda: [r for r in studies_json(config) if r["uid"] == study.study_uid and r["state"] == "ready"]
+        )
 
         # Process the job by hand (no worker threads in this node): claim it and finish it.
         job = repo.claim_job(db, "test", datetime.now(UTC), 60)
@@ -172,8 +176,15 @@ def test_quiet_window_and_late_arrival_reopen(tmp_path: Path) -> None:
         )
         storescu(port, late)
         (row,) = [s for s in repo.list_studies(db) if s.uid == study.study_uid]
-        assert row.state == "receiving" and row.revision == 2 and row.reopened is True and row.instance_count == 3
-        wait_until(lambda: [r for r in studies_json(config) if r["uid"] == study.study_uid and r["state"] == "ready"])
+        assert (
+            row.state == "receiving"
+            and row.revision == 2
+            and row.reopened is True
+            and row.instance_count == 3
+        )
+        wait_until(
+            lambda: [r for r in studies_json(config) if r["uid"] == study.study_uid and r["state"] == "ready"]
+        )
     finally:
         db.dispose()
         node.stop()

@@ -59,7 +59,9 @@ def list_studies(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps([_plain(s) for s in studies], indent=2))
         return 0
-    header = f"{'STUDY INSTANCE UID':<64}  {'STATE':<10} {'REV':>3} {'INST':>4}  {'LAST RECEIVED':<19}  PRIORITY"
+    header = (
+        f"{'STUDY INSTANCE UID':<64}  {'STATE':<10} {'REV':>3} {'INST':>4}  {'LAST RECEIVED':<19}  PRIORITY"
+    )
     print(header)
     for s in studies:
         last = s.last_received_at.isoformat(timespec="seconds")[:19] if s.last_received_at else "-"
