@@ -45,7 +45,9 @@ def csv_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 pixels[40:44, 20:45] = 255
             name = f"{region}_{k}.png"
             Image.fromarray(pixels).save(root / name)
-            rows.append({"path": name, "label": label, "region": region.value, "study_id": f"{region}-{k // 2}"})
+            rows.append(
+                {"path": name, "label": label, "region": region.value, "study_id": f"{region}-{k // 2}"}
+            )
     with (root / "labels.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "label", "region", "study_id"])
         writer.writeheader()
@@ -71,6 +73,7 @@ def test_evaluate_one_package_writes_report_json_and_figures(
     assert data["source"]["layout"] == "csv" and data["source"]["labelled"] == 24
     (model,) = data["models"]
     assert model["card"]["name"] == "tiny-upper-distal" and model["served"] is None
+    assert data["node"] is None  # no routing with --model
     rows = {(r["subset"]["scope"], r["subset"]["name"]): r for r in model["rows"]}
     assert rows[("overall", "all")]["image"]["n"] == 24
     assert rows[("overall", "all")]["study_mean"]["n"] == 12  # two views per study
@@ -84,9 +87,8 @@ def test_evaluate_one_package_writes_report_json_and_figures(
         value = rows[("overall", "all")]["image"][interval]
         assert value["low"] <= value["estimate"] <= value["high"]
     assert model["calibration"]["temperature"] == pytest.approx(1.3)
-    assert set(model["figures"]) == {
-        "tiny-upper-distal-0.0.1_roc.png", "tiny-upper-distal-0.0.1_pr.png", "tiny-upper-distal-0.0.1_reliability.png",
-    }  # fmt: skip
+    kinds = ("roc", "pr", "reliability")
+    assert set(model["figures"]) == {f"tiny-upper-distal-0.0.1_{kind}.png" for kind in kinds}
     for name in model["figures"]:
         assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
@@ -105,7 +107,8 @@ def test_matrix_and_docs_from_results(
     out = tmp_path / "eval"
     docs = tmp_path / "evaluation.md"
     docs.write_text(
-        "# Evaluation\n\n<!-- BEGIN GENERATED: results -->\nstale numbers\n<!-- END GENERATED: results -->\n\nafter\n"
+        "# Evaluation\n\n<!-- BEGIN GENERATED: results -->\nstale numbers\n"
+        "<!-- END GENERATED: results -->\n\nafter\n"
     )
     code = run(
         "evaluate", str(csv_source), "--matrix", "--model", str(packages["upper"].path),
@@ -160,7 +163,17 @@ def test_evaluate_installed_models_routed_as_the_node_routes(
     config = tmp_path / "fracnode.toml"
     config.write_text(f'[models]\ndirectory = "{packages["upper"].path.parent}"\ndevice = "cpu"\n')
     out = tmp_path / "eval"
-    code = run("--config", str(config), "evaluate", str(csv_source), "--out", str(out), "--bootstrap", "20", "--no-progress")
+    code = run(
+        "--config",
+        str(config),
+        "evaluate",
+        str(csv_source),
+        "--out",
+        str(out),
+        "--bootstrap",
+        "20",
+        "--no-progress",
+    )
     assert code == 0, capsys.readouterr().err
     data = json.loads((out / "results.json").read_text())
     mine = {m["card"]["name"]: m for m in data["models"] if m["card"]["name"].startswith("tiny-")}
@@ -170,6 +183,8 @@ def test_evaluate_installed_models_routed_as_the_node_routes(
     assert "leg" not in upper_rows and {"hand", "wrist"} <= upper_rows
     lower_overall = mine["tiny-lower-middle"]["rows"][0]
     assert lower_overall["subset"]["name"] == "all" and lower_overall["image"]["n"] == 8
+    deciding = dict(map(tuple, data["node"]["deciding"]))
+    assert deciding["upper-distal"] == "tiny-upper-distal" and deciding["lower-middle"] == "tiny-lower-middle"
 
 
 def test_explain_writes_overlays(
@@ -200,7 +215,17 @@ def test_evaluate_a_dicom_folder_with_a_label_csv(
         lines += [f"{uid},{label}" for uid in study.sop_uids]
     (folder / "labels.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "eval"
-    code = run("evaluate", str(folder), "--model", str(packages["upper"].path), "--out", str(out), "--bootstrap", "20", "--no-progress")
+    code = run(
+        "evaluate",
+        str(folder),
+        "--model",
+        str(packages["upper"].path),
+        "--out",
+        str(out),
+        "--bootstrap",
+        "20",
+        "--no-progress",
+    )
     assert code == 0, capsys.readouterr().err
     data = json.loads((out / "results.json").read_text())
     assert data["source"]["layout"] == "dicom" and data["source"]["failures"] == []

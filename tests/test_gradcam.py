@@ -10,8 +10,22 @@ import pytest
 import torch
 from torch import nn
 
-from inference.evaluation.gradcam import GradCamError, cam_to_source, explain_image, gradcam, overlay, write_png
-from inference.modelcard import HIGH_SENSITIVITY, HIGH_SPECIFICITY, YOUDEN, ModelCard, ModelKind, OperatingPoint
+from inference.evaluation.gradcam import (
+    GradCamError,
+    cam_to_source,
+    explain_image,
+    gradcam,
+    overlay,
+    write_png,
+)
+from inference.modelcard import (
+    HIGH_SENSITIVITY,
+    HIGH_SPECIFICITY,
+    YOUDEN,
+    ModelCard,
+    ModelKind,
+    OperatingPoint,
+)
 from inference.models import load_model
 from inference.packages import ModelPackage, bundled_directory, discover, verify_package
 from inference.pixels import letterbox, prepare
@@ -34,7 +48,20 @@ def write_tiny_classifier(
     from inference.packages import write_package
 
     torch.manual_seed(seed)
-    weights = save_weights(GreyNet("mobilenet_v3_small", 1), directory / "work" / "model.pt")
+    network = GreyNet("mobilenet_v3_small", 1)
+    # Untrained, the eval-mode network's activations vanish with depth (every logit ~1e-10);
+    # BatchNorm statistics from a few noise batches make its outputs differ between images.
+    for layer in network.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.reset_running_stats()
+            layer.momentum = None  # a plain average over the batches below
+    network.train()
+    with torch.no_grad():
+        for _ in range(3):
+            network(torch.rand(8, size, size))
+    with torch.no_grad():
+        network.backbone.classifier[-1].weight.mul_(20.0)
+    weights = save_weights(network.eval(), directory / "work" / f"{name}.pt")
     card = ModelCard(
         name=name,
         version="0.0.1",
@@ -53,6 +80,16 @@ def write_tiny_classifier(
         ),
     )
     return write_package(directory / name, card, {"model.pt": weights})
+
+
+def logits_vary(package: ModelPackage, images: list[np.ndarray]) -> bool:
+    classifier = load_model(verify_package(package.path), "cpu")
+    assert isinstance(classifier, FractureClassifier)
+    from inference.pixels import PreprocessConfig
+
+    config = PreprocessConfig.from_dict(classifier.card.preprocessing)
+    batch = np.stack([prepare(i, config, classifier.card.input_size).pixels for i in images])
+    return float(np.std(classifier.logits(batch))) > 1e-3
 
 
 def first_bundled_classifier() -> ModelPackage | None:
@@ -94,13 +131,16 @@ def classifier_config(classifier: FractureClassifier):  # type: ignore[no-untype
 
 def test_gradcam_on_a_package_loaded_by_the_node_runtime(tmp_path: Path) -> None:
     package = write_tiny_classifier(tmp_path)
+    assert logits_vary(package, [radiograph(seed=s) for s in range(4)] + [radiograph(200, 300)])
     classifier = load_model(verify_package(package.path), "cpu")
     assert isinstance(classifier, FractureClassifier)
     image = radiograph()
     result = explain_image(classifier, image)
     assert result.cam.shape == image.shape
     assert result.cam.min() >= 0.0 and result.cam.max() <= 1.0
-    expected = float(classifier.probabilities(prepare(image, classifier_config(classifier), 64).pixels[None])[0])
+    expected = float(
+        classifier.probabilities(prepare(image, classifier_config(classifier), 64).pixels[None])[0]
+    )
     assert result.probability == pytest.approx(expected)
     png = write_png(tmp_path / "overlay.png", result.overlay)
     assert png.read_bytes()[:4] == b"\x89PNG"

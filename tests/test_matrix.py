@@ -183,8 +183,31 @@ def test_suite_with_matrix_writes_report_json_and_figures(tmp_path: Path) -> Non
     for name in data["models"][0]["figures"] + data["matrix"]["figures"]:
         assert (tmp_path / "eval" / "figures" / name).read_bytes()[:4] == b"\x89PNG"
     assert {"transfer_matrix_auroc.png", "transfer_matrix_accuracy.png"} == set(data["matrix"]["figures"])
+    # The node view: every image scored by the model deciding its (routed) group.
+    node = data["node"]
+    assert node["deciding"] == [["upper-distal", "hand-only"], ["lower-middle", "leg-only"]]
+    node_rows = {(r["subset"]["scope"], r["subset"]["name"]): r for r in node["rows"]}
+    assert node_rows[("overall", "all")]["image"]["n"] == len(images)
+    assert node_rows[("region", "shoulder")]["subset"]["out_of_group"] is True
+    assert node_rows[("overall", "all")]["image"]["auroc"]["estimate"] > 0.95
     report = out.report.read_text()
+    assert "## The node: all models as routed" in report
     assert "## Cross-region transfer matrix" in report and "same group" in report
     lines = out.predictions.read_text().splitlines()
     assert len(lines) == 1 + 2 * len(images)  # every model on every image for the matrix
     assert not math.isnan(data["models"][0]["rows"][0]["image"]["auroc"]["estimate"])
+
+
+def test_each_unit_is_called_at_its_own_models_threshold() -> None:
+    from inference.evaluation.scoring import EvaluationConfig, _at_unit_thresholds
+
+    labels = np.array([1, 0, 1, 0])
+    scores = np.array([0.6, 0.6, 0.3, 0.3])
+    # Units 1-2 read by a model with threshold 0.5 / 0.7, units 3-4 by one with 0.2 / 0.4.
+    result = _at_unit_thresholds(
+        labels, scores, {"youden": np.array([0.5, 0.7, 0.2, 0.4])}, EvaluationConfig(resamples=20)
+    )
+    point = result.operating_points[0]
+    assert (point.confusion.tp, point.confusion.fp, point.confusion.tn, point.confusion.fn) == (2, 0, 2, 0)
+    assert math.isnan(point.threshold)
+    assert result.auroc.estimate == pytest.approx(0.5)  # ranking uses the probabilities themselves

@@ -196,7 +196,7 @@ def draw_heatmap(
         vmax=1.0,
         aspect="auto",
     )
-    figure.colorbar(image, ax=axes, label=metric.upper() if metric == "auroc" else metric)
+    figure.colorbar(image, ax=axes, label="AUROC" if metric == "auroc" else metric)
     for r, name in enumerate(rows):
         for c, region in enumerate(columns):
             cell = matrix.cell(name, region)
@@ -229,7 +229,8 @@ def draw_heatmap(
     axes.set_yticks(range(len(rows)), rows, fontsize=8)
     axes.set_xlabel("test region (anatomical group)")
     axes.set_ylabel("model")
-    axes.set_title(f"Cross-region transfer: {metric} (bold: same region, outlined: same group)", fontsize=9)
+    title = "AUROC" if metric == "auroc" else metric
+    axes.set_title(f"Cross-region transfer, {title} (bold: same region, outlined: same group)", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

@@ -31,7 +31,7 @@ import numpy as np
 from inference.evaluation.detection import froc
 from inference.evaluation.metrics import precision_recall_curve, reliability, roc_curve
 from inference.evaluation.runner import EvalImage, ModelRun, uncalibrated
-from inference.evaluation.scoring import ModelEvaluation, Scope, detections_of, subsets_of
+from inference.evaluation.scoring import ModelEvaluation, Scope, detections_of, home_groups, subsets_of
 from inference.modelcard import ModelCard
 from inference.regions import DEFAULT_GROUP_TABLE, GroupTable
 
@@ -178,7 +178,12 @@ def _classifier_sections(model: Mapping[str, Any], figures: Sequence[str]) -> li
         names = [p["name"] for p in model["rows"][0][key]["operating_points"]] if model["rows"] else []
         for index, name in enumerate(names):
             threshold = model["rows"][0][key]["operating_points"][index]["threshold"]
-            lines += [f"Operating point `{name}` (probability >= {threshold:.3f}):", ""]
+            rule = (
+                "each group at its model's threshold"
+                if threshold is None
+                else f"probability >= {threshold:.3f}"
+            )
+            lines += [f"Operating point `{name}` ({rule}):", ""]
             point_rows = []
             for row in model["rows"]:
                 point = row[key]["operating_points"][index]
@@ -328,6 +333,17 @@ def report_markdown(data: Mapping[str, Any]) -> str:
         f"- generated: {data['created']} by fracnode {data['fracnode_version']}",
         "",
     ]
+    node = data.get("node")
+    if node:
+        deciding = ", ".join(f"{group}: {name}" for group, name in node["deciding"])
+        lines += [
+            "## The node: all models as routed",
+            "",
+            "Each image is scored by the model that decides its group, and called at that model's "
+            f"operating points ({deciding}); studies are aggregated per group, as the node reports them.",
+            "",
+        ]
+        lines += _classifier_sections(node, [])
     for model in data["models"]:
         card = model["card"]
         served = model["served"]
@@ -355,6 +371,24 @@ def report_markdown(data: Mapping[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+_DOCS_HEADER = ["subset", "images", "fractures", "AUROC (image)", "calibration / boxes", "operating points"]
+
+
+def _docs_row(subset: Mapping[str, Any], metrics: Mapping[str, Any], extra: str) -> list[str]:
+    points = "; ".join(
+        f"{p['name']}: sens {_ci(p['sensitivity'], 2)}, spec {_ci(p['specificity'], 2)}"
+        for p in metrics["operating_points"]
+    )
+    return [
+        _subset_name(subset),
+        str(metrics["n"]),
+        str(metrics["positives"]),
+        _ci(metrics["auroc"]),
+        extra,
+        points,
+    ]
+
+
 def docs_section(data: Mapping[str, Any]) -> str:
     """A short summary for ``docs/evaluation.md``: overall and per-group rows of each model."""
     source = data["source"]
@@ -365,6 +399,16 @@ def docs_section(data: Mapping[str, Any]) -> str:
         f"(bootstrap {data['config']['resamples']} resamples, seed {data['config']['seed']}).",
         "",
     ]
+    node = data.get("node")
+    if node:
+        deciding = ", ".join(f"{group}: {name}" for group, name in node["deciding"])
+        lines += [f"**The node, all models as routed** ({deciding})", ""]
+        node_rows = [
+            _docs_row(row["subset"], row["image"], f"ECE {_ci(row['image']['ece'])}")
+            for row in node["rows"]
+            if row["subset"]["scope"] != Scope.REGION.value
+        ]
+        lines += _table(_DOCS_HEADER, node_rows)
     for model in data["models"]:
         card = model["card"]
         lines += [f"**{_model_title(card)}**", ""]
@@ -379,24 +423,8 @@ def docs_section(data: Mapping[str, Any]) -> str:
             else:
                 metrics = row["image"]
                 extra = f"ECE {_ci(metrics['ece'])}"
-            points = "; ".join(
-                f"{p['name']}: sens {_ci(p['sensitivity'], 2)}, spec {_ci(p['specificity'], 2)}"
-                for p in metrics["operating_points"]
-            )
-            rows.append(
-                [
-                    _subset_name(row["subset"]),
-                    str(metrics["n"]),
-                    str(metrics["positives"]),
-                    _ci(metrics["auroc"]),
-                    extra,
-                    points,
-                ]
-            )
-        lines += _table(
-            ["subset", "images", "fractures", "AUROC (image)", "calibration / boxes", "operating points"],
-            rows,
-        )
+            rows.append(_docs_row(row["subset"], metrics, extra))
+        lines += _table(_DOCS_HEADER, rows)
     if data.get("matrix"):
         lines += ["Cross-region transfer matrix:", ""] + matrix_markdown(data["matrix"])
     return "\n".join(lines).rstrip() + "\n"
@@ -431,6 +459,8 @@ def _figure(width: float = 5.5, height: float = 5.0) -> Any:
 
 
 def _save(figure: Any, path: Path) -> Path:
+    for axes in figure.axes:
+        axes.title.set_fontsize(10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -442,7 +472,7 @@ def _curve_sets(
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(label, labels, scores) for the overall images and each group with both classes."""
     out = []
-    for subset, positions in subsets_of(images, run.indices, run.card, table):
+    for subset, positions in subsets_of(images, run.indices, home_groups(run.card, table), table):
         if subset.scope == Scope.REGION:
             continue
         labels = np.array([images[run.indices[p]].label for p in positions], dtype=np.int64)
@@ -516,7 +546,7 @@ def draw_model_figures(
             ylabel="observed fracture frequency",
             xlim=(0, 1),
             ylim=(0, 1),
-            title=f"Reliability before / after temperature scaling: {run.card.name}",
+            title=f"Reliability before / after temperature scaling:\n{run.card.name}",
         )
         axes.legend(fontsize=7, loc="upper left")
         counts.set(xlabel="predicted probability (10 bins)", ylabel="images")
@@ -525,7 +555,7 @@ def draw_model_figures(
     if run.boxes is not None and run.indices.size:
         figure = _figure()
         axes = figure.add_subplot()
-        for subset, positions in subsets_of(images, run.indices, run.card, table):
+        for subset, positions in subsets_of(images, run.indices, home_groups(run.card, table), table):
             if subset.scope == Scope.REGION:
                 continue
             found = detections_of(images, run, positions)

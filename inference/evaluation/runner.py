@@ -279,3 +279,10 @@ def restrict(run: ModelRun, keep: Sequence[int]) -> ModelRun:
         logits=None if run.logits is None else run.logits[positions],
         boxes=None if run.boxes is None else tuple(run.boxes[p] for p in positions),
     )
+
+
+def set_torch_threads(threads: int) -> None:
+    """Limit torch's CPU threads (a shared machine); models run in this process use them."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))

@@ -18,8 +18,9 @@ Errors: none of its own; :class:`inference.evaluation.metrics.MetricsError` pass
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import numpy as np
@@ -113,10 +114,16 @@ def _own_groups(image: EvalImage, table: GroupTable) -> set[AnatomicalGroup]:
 
 
 def subsets_of(
-    images: Sequence[EvalImage], indices: NDArray[np.int64], card: ModelCard, table: GroupTable
+    images: Sequence[EvalImage],
+    indices: NDArray[np.int64],
+    home: frozenset[AnatomicalGroup],
+    table: GroupTable,
 ) -> list[tuple[Subset, NDArray[np.int64]]]:
-    """The rows of one model: positions into ``indices`` for overall, each group and each region."""
-    home = home_groups(card, table)
+    """The rows: positions into ``indices`` for overall, each group and each region.
+
+    A group or region row is ``out_of_group`` when its group is not in ``home`` (the groups a
+    model was trained for, or for the node the groups with a model).
+    """
     out: list[tuple[Subset, NDArray[np.int64]]] = []
     everything = np.arange(indices.size, dtype=np.int64)
     out.append((Subset(Scope.OVERALL, "all", False, int(indices.size)), everything))
@@ -167,7 +174,9 @@ def _classifier_rows(
 ) -> list[ClassifierRow]:
     thresholds = thresholds_of(run.card, UNCALIBRATED_THRESHOLD)
     rows = []
-    for subset, positions in subsets_of(images, run.indices, run.card, config.table):
+    for subset, positions in subsets_of(
+        images, run.indices, home_groups(run.card, config.table), config.table
+    ):
         indices = run.indices[positions]
         labels = _labels(images, indices)
         scores = run.probabilities[positions]
@@ -221,7 +230,9 @@ def _detector_rows(images: Sequence[EvalImage], run: ModelRun, config: Evaluatio
                 confidence=config.confidence,
             ),
         )
-        for subset, positions in subsets_of(images, run.indices, run.card, config.table)
+        for subset, positions in subsets_of(
+            images, run.indices, home_groups(run.card, config.table), config.table
+        )
     ]
 
 
@@ -265,3 +276,123 @@ def evaluate_run(images: Sequence[EvalImage], run: ModelRun, config: EvaluationC
         rows=tuple(rows),
         calibration=calibration_check(images, run, config),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the node as a whole
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEvaluation:
+    """All routed models together, as the node reports: each image scored by the model that
+    decides its group (the classifier, else the detector's top box), each call made at the
+    operating point of that model's card. Rows compare across groups, so "all images" is the
+    node's overall performance.
+    """
+
+    deciding: tuple[tuple[AnatomicalGroup, str], ...]  # (group, model name) for every group used
+    rows: tuple[ClassifierRow, ...]
+
+
+def _deciding_runs(runs: Sequence[ModelRun]) -> dict[AnatomicalGroup, ModelRun]:
+    chosen: dict[AnatomicalGroup, ModelRun] = {}
+    for kind in (ModelKind.CLASSIFIER, ModelKind.DETECTOR):
+        for run in runs:
+            if run.card.kind != kind or run.served is None:
+                continue
+            for group in run.served:
+                chosen.setdefault(group, run)
+    return chosen
+
+
+def _at_unit_thresholds(
+    labels: NDArray[np.int64],
+    scores: NDArray[np.float64],
+    thresholds: dict[str, NDArray[np.float64]],
+    config: EvaluationConfig,
+) -> ClassificationMetrics:
+    """Classification metrics where each unit is called at its own threshold.
+
+    A call ``p >= t`` is the call ``p - t + 0.5 >= 0.5``: the threshold metrics are computed on
+    the shifted scores (clipped to [0, 1], which keeps every call), the ranking and calibration
+    metrics on the probabilities themselves.
+    """
+
+    def metrics(values: NDArray[np.float64], points: list[tuple[str, float]]) -> ClassificationMetrics:
+        return classification_metrics(
+            labels, values, points, resamples=config.resamples, seed=config.seed, confidence=config.confidence
+        )
+
+    base = metrics(scores, [])
+    points = []
+    for name, unit in thresholds.items():
+        point = metrics(np.clip(scores - unit + 0.5, 0.0, 1.0), [(name, 0.5)]).operating_points[0]
+        same = unit.size > 0 and bool(np.all(unit == unit[0]))
+        points.append(replace(point, threshold=float(unit[0]) if same else math.nan))
+    return replace(base, operating_points=tuple(points))
+
+
+def evaluate_node(
+    images: Sequence[EvalImage], runs: Sequence[ModelRun], config: EvaluationConfig
+) -> NodeEvaluation | None:
+    """The node view of routed runs; None when no run is routed (``--model`` evaluations)."""
+    deciding = _deciding_runs(runs)
+    if not deciding:
+        return None
+    available = frozenset(deciding)
+    position = {id(run): {int(i): p for p, i in enumerate(run.indices)} for run in deciding.values()}
+    kept: list[int] = []
+    scores: list[float] = []
+    cards: list[ModelCard] = []
+    groups: list[AnatomicalGroup] = []
+    for index, image in enumerate(images):
+        group = config.table.route(image.region, available)[0]
+        if image.label is None or group is None:
+            continue
+        run = deciding[group]
+        where = position[id(run)].get(index)
+        if where is None:  # the image could not be read
+            continue
+        kept.append(index)
+        scores.append(float(run.probabilities[where]))
+        cards.append(run.card)
+        groups.append(group)
+    indices = np.asarray(kept, dtype=np.int64)
+    probabilities = np.asarray(scores, dtype=np.float64)
+    names: dict[str, None] = {}
+    for card in cards:
+        names.update({name: None for name, _ in thresholds_of(card, UNCALIBRATED_THRESHOLD)})
+    unit_thresholds = {
+        name: np.array(
+            [
+                dict(thresholds_of(card, UNCALIBRATED_THRESHOLD)).get(name, UNCALIBRATED_THRESHOLD)
+                for card in cards
+            ]
+        )
+        for name in names
+    }
+    rows = []
+    for subset, positions in subsets_of(images, indices, available, config.table):
+        labels = _labels(images, indices[positions])
+        subset_scores = probabilities[positions]
+        subset_thresholds = {name: values[positions] for name, values in unit_thresholds.items()}
+        keys = [(images[indices[p]].study_id, groups[p]) for p in positions]
+        study_rows = {}
+        for method in ("mean", "max"):
+            studies = aggregate_studies(keys, labels, subset_scores, method)
+            first = {key: p for p, key in reversed(list(enumerate(keys)))}
+            study_thresholds = {
+                name: values[[first[key] for key in studies.keys]]
+                for name, values in subset_thresholds.items()
+            }
+            study_rows[method] = _at_unit_thresholds(studies.labels, studies.scores, study_thresholds, config)
+        rows.append(
+            ClassifierRow(
+                subset=subset,
+                image=_at_unit_thresholds(labels, subset_scores, subset_thresholds, config),
+                study_mean=study_rows["mean"],
+                study_max=study_rows["max"],
+            )
+        )
+    ordered = sorted(deciding.items(), key=lambda item: list(AnatomicalGroup).index(item[0]))
+    return NodeEvaluation(deciding=tuple((g, run.card.name) for g, run in ordered), rows=tuple(rows))

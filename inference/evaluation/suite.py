@@ -42,7 +42,7 @@ from inference.evaluation.runner import (
     run_models,
     select_images,
 )
-from inference.evaluation.scoring import EvaluationConfig, evaluate_run
+from inference.evaluation.scoring import EvaluationConfig, evaluate_node, evaluate_run
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +124,7 @@ def run_suite(
         entry = to_jsonable(evaluation)
         entry["figures"] = names
         models.append(entry)
+    node = evaluate_node(images, runs, config)
     matrix_data: dict[str, Any] | None = None
     if matrix:
         table = transfer_matrix(
@@ -156,6 +157,7 @@ def run_suite(
             "failures": [{"image": key, "reason": reason} for key, reason in result.failures],
         },
         "config": {"resamples": config.resamples, "seed": config.seed, "confidence": config.confidence},
+        "node": None if node is None else to_jsonable(node),
         "models": models,
         "matrix": matrix_data,
     }

@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--labels", type=Path, default=None, help="label CSV of a DICOM folder")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
     parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for the models (default: torch's)"
+    )
+    parser.add_argument(
         "--docs", type=Path, default=None, help="Markdown file whose generated section to rewrite"
     )
     parser.add_argument(
@@ -132,6 +135,10 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError(
             f"{args.source}: no labelled image" + (f" in split {args.split}" if args.split else "")
         )
+    if args.threads is not None:
+        from inference.evaluation.runner import set_torch_threads
+
+        set_torch_threads(args.threads)
     plans = _load_plans(args.model, settings)
     out = args.out or Path("var/eval") / datetime.now().strftime("%Y%m%d-%H%M%S")
     log.info("evaluating %d images with %d models into %s", len(images), len(plans), out)
