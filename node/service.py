@@ -147,6 +147,8 @@ class Node:
         self.metrics.build_info.info({"version": __version__})
         self.models = load_models(s) if s.worker.threads > 0 else ModelSet()
         self.metrics.set_models(self.models.cards())
+        if s.worker.threads > 0 and not self.models.available:
+            log.warning("no fracture model is installed: every study will be reported as not analysed")
         self.outbox = OutboxRunner(
             self.db,
             {d.name: peer_for(d) for d in s.export.destinations},
