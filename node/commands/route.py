@@ -97,7 +97,8 @@ def route_files(args: argparse.Namespace, settings: Settings) -> int:
     for path in _files(args.paths):
         seen += 1
         try:
-            ds = pydicom.dcmread(path)
+            # Large values (pixel data) are read from the file only if decoded.
+            ds = pydicom.dcmread(path, defer_size="64 KB")
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             print(f"skipping {path}: not a readable DICOM file ({type(exc).__name__})", file=sys.stderr)
             continue
