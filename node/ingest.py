@@ -160,6 +160,16 @@ class _AssociationTally:
     statuses: dict[int, int] = field(default_factory=dict)
 
 
+def _reject_reason(assoc: Any, tally: _AssociationTally) -> str:
+    """Which of the acceptor's checks (pynetdicom's ACSE negotiation) refused the association."""
+    allowed = [title.strip() for title in assoc.ae.require_calling_aet]
+    if allowed and tally.calling_ae not in allowed:
+        return "ae_title"
+    if tally.called_ae != str(assoc.acceptor.ae_title).strip():
+        return "called_ae"
+    return "limit"
+
+
 class StoreHandler:
     """Handles C-STORE and association events for the SCP (one instance per server)."""
 
@@ -294,9 +304,16 @@ class StoreHandler:
             called_ae=str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip(),
             peer=f"{assoc.requestor.address}",
         )
-        log.warning("association rejected: calling AE %r from %s", tally.calling_ae, tally.peer)
-        self.metrics.associations_rejected.labels(reason="ae_title").inc()
-        self._audit(AuditKind.REJECTED, tally, "rejected")
+        reason = _reject_reason(assoc, tally)
+        log.warning(
+            "association rejected (%s): calling AE %r, called AE %r, from %s",
+            reason,
+            tally.calling_ae,
+            tally.called_ae,
+            tally.peer,
+        )
+        self.metrics.associations_rejected.labels(reason=reason).inc()
+        self._audit(AuditKind.REJECTED, tally, f"rejected: {reason}")
 
     def _audit(self, kind: AuditKind, tally: _AssociationTally, outcome: str) -> None:
         statuses = ",".join(f"0x{status:04X}:{count}" for status, count in sorted(tally.statuses.items()))

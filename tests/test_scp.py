@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pydicom
@@ -235,6 +236,15 @@ def test_wrong_called_ae_is_rejected(node: InProcessNode) -> None:
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="SOMEONE_ELSE")
     assert assoc.is_rejected
+    assert (
+        node.registry.get_sample_value("fracnode_associations_rejected_total", {"reason": "called_ae"}) == 1
+    )
+    deadline = time.monotonic() + 10  # the acceptor's thread writes the audit after replying
+    while not (events := repo.list_audit(node.db)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(e.kind, e.outcome, e.called_ae) for e in events] == [
+        ("rejected", "rejected: called_ae", "SOMEONE_ELSE")
+    ]
 
 
 def test_calling_ae_allow_list(tmp_path: Path) -> None:
