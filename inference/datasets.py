@@ -24,6 +24,7 @@ Errors::
 from __future__ import annotations
 
 import csv
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile
 
 from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup, GroupTable, Region
 
@@ -85,12 +86,41 @@ class LabelledImage:
 # --------------------------------------------------------------------------------------------
 # pixels
 
+_TRUNCATED_LOCK = threading.Lock()
+
+
+def _pil_array(path: Path) -> NDArray[np.generic]:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("I;16") if img.mode.startswith("I") else img.convert("L"))
+
+
+def _decode_with_pil(path: Path) -> NDArray[np.generic]:
+    """PIL decode; a truncated file is decoded again with PIL's truncated-image tolerance.
+
+    PIL keeps that tolerance in a module flag (``ImageFile.LOAD_TRUNCATED_IMAGES``); it is set
+    only around the one decode, under a lock, and restored.
+    """
+    try:
+        return _pil_array(path)
+    except OSError as first:
+        if "truncated" not in str(first):
+            raise DatasetError(f"cannot decode image: {first}", path) from first
+    with _TRUNCATED_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            return _pil_array(path)
+        except OSError as exc:
+            raise DatasetError(f"cannot decode image: {exc}", path) from exc
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
 
 def read_image(path: Path) -> NDArray[np.float32]:
     """Decode an image file into a grey HxW float32 array in [0, 1].
 
-    OpenCV's libjpeg decodes a truncated JPEG with a warning and fills the missing rows, which is
-    what FracAtlas' truncated sources need; PIL is the fallback for formats OpenCV refuses.
+    OpenCV decodes first; what it refuses goes to PIL, which decodes a truncated JPEG (FracAtlas'
+    ``source_truncated`` images, datasets README) with the rows its scan holds, the rest grey.
     """
     try:
         raw = np.fromfile(path, dtype=np.uint8)
@@ -98,11 +128,7 @@ def read_image(path: Path) -> NDArray[np.float32]:
         raise DatasetError(f"cannot read image: {exc}", path) from exc
     array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
     if array is None:
-        try:
-            with Image.open(path) as img:
-                array = np.asarray(img.convert("I;16") if img.mode.startswith("I") else img.convert("L"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DatasetError(f"cannot decode image: {exc}", path) from exc
+        array = _decode_with_pil(path)
     if array.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if array.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         array = cv2.cvtColor(array, code)

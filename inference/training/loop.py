@@ -252,6 +252,8 @@ def fit(
         )
         for step in bar:
             index = order[step * config.batch : (step + 1) * config.batch]
+            if len(index) < 2:
+                continue  # BatchNorm cannot train on one image
             x = (pixels_t[index].float() / 255.0).unsqueeze(1)
             x = augment(x, config.augment, generator).to(device, non_blocking=True)
             y = targets_t[index].to(device)

@@ -88,6 +88,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     region.add_argument("--lr", type=float, default=2e-3)
     region.add_argument("--class-cap", type=int, default=200, help="images per region per epoch at most")
     region.add_argument("--patience", type=int, default=6)
+    region.add_argument("--min-images", type=int, default=20, help="fewest training images that make a region a class")
     region.set_defaults(handler=train_region)
 
 
@@ -173,6 +174,7 @@ def train_region(args: argparse.Namespace, settings: Settings) -> int:
         size=args.size,
         loop=_loop(args, class_cap=args.class_cap),
         preprocess=PreprocessConfig(clahe=args.clahe),
+        min_images=args.min_images,
     )
     try:
         fitted = fit_region(job, args.cache, work, resume=args.resume, progress=not args.no_progress)
