@@ -171,8 +171,8 @@ def draw_heatmap(
 ) -> Path:
     """A PNG heat-map of AUROC (or ``metric="accuracy"``), models by test region.
 
-    Each cell shows the value and its 95% interval; same-group cells are outlined, same-region
-    cells outlined bold; vertical lines separate the anatomical groups of the columns.
+    Each cell shows the value and its 95% interval; same-region cells have a solid frame,
+    same-group cells a dashed one; white lines separate the anatomical groups of the columns.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -208,14 +208,15 @@ def draw_heatmap(
                 text += f"\n[{interval.low:.2f}, {interval.high:.2f}]"
             axes.text(c, r, text, ha="center", va="center", fontsize=7)
             if cell.relation != Relation.OTHER_GROUP:
-                bold = cell.relation == Relation.SAME_REGION
+                same_region = cell.relation == Relation.SAME_REGION
                 axes.add_patch(
                     Rectangle(
-                        (c - 0.5, r - 0.5),
-                        1,
-                        1,
+                        (c - 0.44, r - 0.44),
+                        0.88,
+                        0.88,
                         fill=False,
-                        linewidth=2.5 if bold else 1.2,
+                        linewidth=2.5 if same_region else 1.5,
+                        linestyle="-" if same_region else "--",
                         edgecolor="black",
                     )
                 )
@@ -230,7 +231,9 @@ def draw_heatmap(
     axes.set_xlabel("test region (anatomical group)")
     axes.set_ylabel("model")
     title = "AUROC" if metric == "auroc" else metric
-    axes.set_title(f"Cross-region transfer, {title} (bold: same region, outlined: same group)", fontsize=9)
+    axes.set_title(
+        f"Cross-region transfer, {title}\n(solid frame: same region, dashed: same group)", fontsize=9
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

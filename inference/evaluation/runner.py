@@ -74,7 +74,9 @@ def _reader(path_image: LabelledImage) -> Callable[[], FloatImage]:
         try:
             return read_image(path_image.path)
         except DatasetError as exc:
-            raise ImageUnavailable(f"cannot read {path_image.path.name}: {exc}") from exc
+            # The message starts with the full path, which may name a patient folder (MURA).
+            detail = str(exc).removeprefix(f"{exc.path}: ") if exc.path is not None else str(exc)
+            raise ImageUnavailable(f"cannot read {path_image.path.name}: {detail}") from exc
 
     return load
 
@@ -227,7 +229,7 @@ def run_models(
             pixels = image.load()
         except ImageUnavailable as exc:
             failures.append((image.key, exc.reason))
-            log.warning("image %s skipped: %s", image.key, exc.reason)
+            log.warning("an image is left out: %s", exc.reason)
             continue
         for plan_index in readers[image_index]:
             card = plans[plan_index].model.card
