@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -120,7 +121,9 @@ def auroc_with_ci(labels: ArrayLike, scores: ArrayLike, level: float = 0.95) -> 
     return area, max(0.0, area - half), min(1.0, area + half)
 
 
-def sensitivity_specificity(labels: ArrayLike, probabilities: ArrayLike, threshold: float) -> tuple[float, float]:
+def sensitivity_specificity(
+    labels: ArrayLike, probabilities: ArrayLike, threshold: float
+) -> tuple[float, float]:
     y, p = _binary(labels, probabilities)
     called = p >= threshold
     n_pos = int(y.sum())
@@ -231,7 +234,9 @@ def calibrate_temperature(logits: ArrayLike, labels: ArrayLike) -> CalibrationRe
 # operating points
 
 
-def threshold_for_sensitivity(labels: ArrayLike, probabilities: ArrayLike, target: float = TARGET_SENSITIVITY) -> float:
+def threshold_for_sensitivity(
+    labels: ArrayLike, probabilities: ArrayLike, target: float = TARGET_SENSITIVITY
+) -> float:
     """The highest threshold whose sensitivity on these data is at least ``target``."""
     y, p = _binary(labels, probabilities)
     positives = np.sort(p[y == 1])[::-1]
@@ -241,7 +246,9 @@ def threshold_for_sensitivity(labels: ArrayLike, probabilities: ArrayLike, targe
     return float(positives[k - 1])
 
 
-def threshold_for_specificity(labels: ArrayLike, probabilities: ArrayLike, target: float = TARGET_SPECIFICITY) -> float:
+def threshold_for_specificity(
+    labels: ArrayLike, probabilities: ArrayLike, target: float = TARGET_SPECIFICITY
+) -> float:
     """The lowest threshold whose specificity on these data is at least ``target``.
 
     It lies half-way between the highest negative that must be called negative and the next
@@ -282,7 +289,9 @@ _CHOOSERS = {
 }
 
 
-def stratified_folds(labels: NDArray[np.int64], folds: int, rng: np.random.Generator) -> list[NDArray[np.int64]]:
+def stratified_folds(
+    labels: NDArray[np.int64], folds: int, rng: np.random.Generator
+) -> list[NDArray[np.int64]]:
     """Indices of ``folds`` folds, each class spread evenly over them in random order."""
     out: list[list[int]] = [[] for _ in range(folds)]
     for value in np.unique(labels):
@@ -324,7 +333,12 @@ def operating_points(
                 called = p[held] >= t
                 truth = y[held] == 1
                 pooled[name] += np.array(
-                    [(called & truth).sum(), (~called & truth).sum(), (~called & ~truth).sum(), (called & ~truth).sum()]
+                    [
+                        (called & truth).sum(),
+                        (~called & truth).sum(),
+                        (~called & ~truth).sum(),
+                        (called & ~truth).sum(),
+                    ]
                 )
     points = []
     for name in names:
@@ -344,7 +358,7 @@ def operating_points(
     return tuple(points)
 
 
-def binary_metrics(labels: ArrayLike, probabilities: ArrayLike) -> dict[str, float | int]:
+def binary_metrics(labels: ArrayLike, probabilities: ArrayLike) -> dict[str, Any]:
     """AUROC with its DeLong 95% CI, counts, ECE and Brier: the card's ``validation_metrics`` core."""
     y, p = _binary(labels, probabilities)
     area, low, high = auroc_with_ci(y, p)

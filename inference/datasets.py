@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -126,9 +127,8 @@ def read_image(path: Path) -> NDArray[np.float32]:
         raw = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise DatasetError(f"cannot read image: {exc}", path) from exc
-    array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
-    if array is None:
-        array = _decode_with_pil(path)
+    decoded = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    array: NDArray[Any] = _decode_with_pil(path) if decoded is None else np.asarray(decoded)
     if array.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if array.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         array = cv2.cvtColor(array, code)
@@ -399,9 +399,7 @@ def load_sources(paths: Sequence[Path], split: str | None = None) -> list[Labell
 # selections
 
 
-def in_group(
-    image: LabelledImage, group: AnatomicalGroup, table: GroupTable = DEFAULT_GROUP_TABLE
-) -> bool:
+def in_group(image: LabelledImage, group: AnatomicalGroup, table: GroupTable = DEFAULT_GROUP_TABLE) -> bool:
     """Whether any region the image shows belongs to ``group``."""
     return any(table.group_of(region) == group for region in image.all_regions)
 

@@ -44,8 +44,24 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
 
 
 FRACATLAS_HEADER = [
-    "image_id", "region", "hand", "leg", "hip", "shoulder", "mixed", "hardware", "multiscan", "fractured",
-    "fracture_count", "frontal", "lateral", "oblique", "split", "width", "height", "source_truncated",
+    "image_id",
+    "region",
+    "hand",
+    "leg",
+    "hip",
+    "shoulder",
+    "mixed",
+    "hardware",
+    "multiscan",
+    "fractured",
+    "fracture_count",
+    "frontal",
+    "lateral",
+    "oblique",
+    "split",
+    "width",
+    "height",
+    "source_truncated",
 ]
 
 
@@ -67,7 +83,11 @@ def make_fracatlas(root: Path) -> Path:
 
 
 def make_web(root: Path) -> Path:
-    rows = [["elbow-1.jpg", "elbow", 1, "train"], ["img-2.jpg", "unknown", 0, "train"], ["wrist-3.jpg", "wrist", 1, "valid"]]
+    rows = [
+        ["elbow-1.jpg", "elbow", 1, "train"],
+        ["img-2.jpg", "unknown", 0, "train"],
+        ["wrist-3.jpg", "wrist", 1, "valid"],
+    ]
     _write_csv(root / "labels.csv", ["image_id", "region", "n_boxes", "split"], rows)
     for row in rows:
         _image(root / "images" / str(row[0]))
@@ -81,7 +101,10 @@ def make_mura(parent: Path) -> Path:
     """A tiny MURA v1.1 tree: two studies in train (one positive), one in valid."""
     root = parent / "MURA-v1.1"
     studies = {
-        "train": [("XR_WRIST/patient00001/study1_positive", 1, 2), ("XR_HUMERUS/patient00002/study1_negative", 0, 1)],
+        "train": [
+            ("XR_WRIST/patient00001/study1_positive", 1, 2),
+            ("XR_HUMERUS/patient00002/study1_negative", 0, 1),
+        ],
         "valid": [("XR_ELBOW/patient11185/study1_negative", 0, 3)],
     }
     for split, entries in studies.items():
@@ -122,7 +145,9 @@ def test_web_layout_has_no_confirmed_negatives(tmp_path: Path) -> None:
     assert [i.label for i in images] == [1, None, 1]
     assert images[1].region is Region.UNKNOWN and images[1].boxes == ()
     assert detect_layout(root) == SOURCE_WEB
-    assert summarise(images)["sources"] == {SOURCE_WEB: {"images": 3, "positive": 2, "negative": 0, "unknown": 1}}
+    assert summarise(images)["sources"] == {
+        SOURCE_WEB: {"images": 3, "positive": 2, "negative": 0, "unknown": 1}
+    }
     assert len(select(images, labelled_only=True)) == 2
 
 
@@ -152,11 +177,15 @@ def test_csv_layout(tmp_path: Path) -> None:
     _image(tmp_path / "a" / "two.png")
     _image(tmp_path / "a" / "three.png")
     listing = tmp_path / "site.csv"
-    _write_csv(listing, ["path", "label", "region", "study_id", "split"], [
-        ["a/one.png", 1, "wrist", "S1", "train"],
-        ["a/two.png", 0, "Wrist", "S1", "train"],
-        ["a/three.png", "", "knee", "", "valid"],
-    ])
+    _write_csv(
+        listing,
+        ["path", "label", "region", "study_id", "split"],
+        [
+            ["a/one.png", 1, "wrist", "S1", "train"],
+            ["a/two.png", 0, "Wrist", "S1", "train"],
+            ["a/three.png", "", "knee", "", "valid"],
+        ],
+    )
     images = load_csv(listing)
     assert [i.label for i in images] == [1, 0, None]
     assert images[0].path == tmp_path / "a" / "one.png" and images[0].source == SOURCE_CSV
@@ -233,7 +262,12 @@ def test_real_fracatlas(fracatlas: Path) -> None:
     assert len(images) == 3724  # datasets README: development part
     assert all(i.label in (0, 1) for i in images)
     by = {region: sum(1 for i in images if i.regions == (region,)) for region in Region}
-    assert by[Region.HAND] == 1170 and by[Region.LEG] == 1929 and by[Region.HIP] == 162 and by[Region.SHOULDER] == 93
+    assert (
+        by[Region.HAND] == 1170
+        and by[Region.LEG] == 1929
+        and by[Region.HIP] == 162
+        and by[Region.SHOULDER] == 93
+    )
     positives_with_boxes = sum(1 for i in images if i.label == 1 and i.boxes)
     assert positives_with_boxes > 0.9 * sum(1 for i in images if i.label == 1)
     assert all(i.label == 1 for i in images if i.boxes)
@@ -248,4 +282,11 @@ def test_real_upper_limb_web(upper_limb_web: Path) -> None:
     assert not any(i.label == 0 for i in images)  # no confirmed negatives
     assert all((i.label == 1) == bool(i.boxes) for i in images)
     regions = {i.region for i in images}
-    assert {Region.ELBOW, Region.FINGER, Region.FOREARM, Region.HUMERUS, Region.SHOULDER, Region.WRIST} <= regions
+    assert {
+        Region.ELBOW,
+        Region.FINGER,
+        Region.FOREARM,
+        Region.HUMERUS,
+        Region.SHOULDER,
+        Region.WRIST,
+    } <= regions

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.modelcard import HIGH_SENSITIVITY, HIGH_SPECIFICITY, YOUDEN, ModelCard, ModelKind, OperatingPoint
+from inference.modelcard import (
+    HIGH_SENSITIVITY,
+    HIGH_SPECIFICITY,
+    YOUDEN,
+    ModelCard,
+    ModelKind,
+    OperatingPoint,
+)
 from inference.models import load_model
 from inference.packages import (
     CARD_FILE,

@@ -56,9 +56,21 @@ def csv_data(tmp_path: Path) -> Path:
 
 def _common(tmp_path: Path, name: str, epochs: int = 1) -> list[str]:
     return [
-        "--size", "32", "--epochs", str(epochs), "--batch", "8", "--threads", "1", "--no-progress",
-        "--out", str(tmp_path / "out" / name), "--work", str(tmp_path / "work" / name),
-        "--cache", str(tmp_path / "cache"),
+        "--size",
+        "32",
+        "--epochs",
+        str(epochs),
+        "--batch",
+        "8",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out" / name),
+        "--work",
+        str(tmp_path / "work" / name),
+        "--cache",
+        str(tmp_path / "cache"),
     ]
 
 
@@ -123,10 +135,26 @@ def test_region_model_smoke(tmp_path: Path, csv_data: Path, capsys: pytest.Captu
     capsys.readouterr()
 
 
-def test_calibrate_writes_a_new_version(tmp_path: Path, csv_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "classifier", "--data", str(csv_data), "--all-regions"] + _common(tmp_path, "c")) == 0
+def test_calibrate_writes_a_new_version(
+    tmp_path: Path, csv_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["train", "classifier", "--data", str(csv_data), "--all-regions"] + _common(tmp_path, "c")) == 0
+    )
     before = read_package(tmp_path / "out" / "c").card
-    assert main(["calibrate", str(tmp_path / "out" / "c"), "--data", str(csv_data), "--cache", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(tmp_path / "out" / "c"),
+                "--data",
+                str(csv_data),
+                "--cache",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     after = verify_package(tmp_path / "out" / "c").card
     assert after.version == "1.0.1" and after.device_uid != before.device_uid
     assert {p.name for p in after.operating_points} == {"high_sensitivity", "high_specificity", "youden"}
@@ -136,7 +164,20 @@ def test_calibrate_writes_a_new_version(tmp_path: Path, csv_data: Path, capsys: 
 
 
 def test_bad_input_exits_2(tmp_path: Path, csv_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "classifier", "--data", str(tmp_path / "absent"), "--all-regions", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "classifier",
+                "--data",
+                str(tmp_path / "absent"),
+                "--all-regions",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     # a group the data do not hold
     args = ["train", "classifier", "--data", str(csv_data), "--group", "lower-distal"]
@@ -165,7 +206,9 @@ def _fracatlas_with_boxes(root: Path) -> Path:
         cv2.imwrite(str(root / "images" / f"{stem}.jpg"), image)
         (root / "yolo" / f"{stem}.txt").write_text(lines)
         split = "valid" if k >= 12 else "train"
-        rows.append([f"{stem}.jpg", "hand", 1, 0, 0, 0, 0, 0, 0, int(boxed), int(boxed), 1, 0, 0, split, 96, 96, 0])
+        rows.append(
+            [f"{stem}.jpg", "hand", 1, 0, 0, 0, 0, 0, 0, int(boxed), int(boxed), 1, 0, 0, split, 96, 96, 0]
+        )
     with (root / "labels.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(FRACATLAS_HEADER)
@@ -175,8 +218,19 @@ def _fracatlas_with_boxes(root: Path) -> Path:
 
 def test_detector_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = _fracatlas_with_boxes(tmp_path / "fa")
-    args = ["train", "detector", "--data", str(data), "--workers", "0", "--negatives-per-positive", "1",
-            "--group", "upper-middle", "--famo"]
+    args = [
+        "train",
+        "detector",
+        "--data",
+        str(data),
+        "--workers",
+        "0",
+        "--negatives-per-positive",
+        "1",
+        "--group",
+        "upper-middle",
+        "--famo",
+    ]
     common = _common(tmp_path, "det")
     common[common.index("--size") + 1] = "64"
     common[common.index("--batch") + 1] = "4"
@@ -253,7 +307,9 @@ def test_augmentation_is_seeded_and_stays_in_range() -> None:
 
 
 def test_card_json_is_plain_data(tmp_path: Path, csv_data: Path) -> None:
-    assert main(["train", "classifier", "--data", str(csv_data), "--all-regions"] + _common(tmp_path, "j")) == 0
+    assert (
+        main(["train", "classifier", "--data", str(csv_data), "--all-regions"] + _common(tmp_path, "j")) == 0
+    )
     data = json.loads((tmp_path / "out" / "j" / "model.json").read_text())
     assert data["preprocessing"]["stretch"] is True and data["input_size"] == 32
     assert data["training_data"]["machine"] and data["training_data"]["wall_seconds"] >= 0

@@ -44,7 +44,9 @@ class TorchClassifier:
         out: list[NDArray[np.float32]] = []
         with torch.inference_mode():
             for start in range(0, len(array), self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(array[start : start + self.batch_size])).to(self.device)
+                x = torch.from_numpy(np.ascontiguousarray(array[start : start + self.batch_size])).to(
+                    self.device
+                )
                 out.append(self.module(x)[:, 0].float().cpu().numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
 

@@ -53,7 +53,7 @@ class YoloDetector:
     def load(cls, package: ModelPackage, device: str = "cpu") -> YoloDetector:
         prepare_ultralytics()
         import torch
-        from ultralytics import YOLO
+        from ultralytics import YOLO  # type: ignore[attr-defined]
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,7 +81,12 @@ class YoloDetector:
         for result in results:
             xyxy = result.boxes.xyxy.cpu().numpy().astype(np.float64)
             conf = result.boxes.conf.cpu().numpy().astype(np.float64)
-            out.append([(float(a), float(b), float(c), float(d), float(p)) for (a, b, c, d), p in zip(xyxy, conf, strict=True)])
+            out.append(
+                [
+                    (float(a), float(b), float(c), float(d), float(p))
+                    for (a, b, c, d), p in zip(xyxy, conf, strict=True)
+                ]
+            )
         return out
 
     def detect(self, batch: NDArray[np.float32]) -> list[list[RawBox]]:
@@ -96,4 +101,6 @@ class YoloDetector:
 
     def image_probabilities(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """Highest calibrated box confidence per image; an image without a box scores 0."""
-        return np.array([max((b[4] for b in boxes), default=0.0) for boxes in self.detect(batch)], dtype=np.float32)
+        return np.array(
+            [max((b[4] for b in boxes), default=0.0) for boxes in self.detect(batch)], dtype=np.float32
+        )

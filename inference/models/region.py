@@ -35,7 +35,9 @@ class TorchRegionClassifier:
         out: list[NDArray[np.float32]] = []
         with torch.inference_mode():
             for start in range(0, len(array), self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(array[start : start + self.batch_size])).to(self.device)
+                x = torch.from_numpy(np.ascontiguousarray(array[start : start + self.batch_size])).to(
+                    self.device
+                )
                 out.append(self.module(x).float().cpu().numpy())
         width = len(self.card.regions)
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), dtype=np.float32)
@@ -45,7 +47,8 @@ class TorchRegionClassifier:
         z = self.logits(batch).astype(np.float64) / self.card.temperature
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        out: NDArray[np.float32] = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return out
 
     def predict(self, batch: NDArray[np.float32]) -> list[tuple[Region, float]]:
         p = self.probabilities(batch)

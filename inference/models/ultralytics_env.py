@@ -16,7 +16,9 @@ from pathlib import Path
 
 def prepare_ultralytics(config_dir: Path | None = None) -> Path:
     """Set the offline variables (unless set), place the font, and return the config folder."""
-    folder = Path(os.environ.get("YOLO_CONFIG_DIR") or config_dir or Path(tempfile.gettempdir()) / "fracnode-yolo")
+    folder = Path(
+        os.environ.get("YOLO_CONFIG_DIR") or config_dir or Path(tempfile.gettempdir()) / "fracnode-yolo"
+    )
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
     os.environ.setdefault("YOLO_VERBOSE", "false")

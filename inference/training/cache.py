@@ -49,7 +49,9 @@ class PreparedSet:
         """The image's boxes in the prepared image's pixel coordinates."""
         transform = self.transforms[index]
         w, h = transform.source_width, transform.source_height
-        return [transform.to_model(x0 * w, y0 * h, x1 * w, y1 * h) for x0, y0, x1, y1 in self.images[index].boxes]
+        return [
+            transform.to_model(x0 * w, y0 * h, x1 * w, y1 * h) for x0, y0, x1, y1 in self.images[index].boxes
+        ]
 
 
 def _key(path: Path) -> str:
@@ -63,7 +65,9 @@ def _folder(cache_dir: Path, size: int, config: PreprocessConfig) -> Path:
     return cache_dir / f"{size}-{digest}"
 
 
-def prepare_one(image: LabelledImage, size: int, config: PreprocessConfig) -> tuple[NDArray[np.uint8], LetterboxTransform]:
+def prepare_one(
+    image: LabelledImage, size: int, config: PreprocessConfig
+) -> tuple[NDArray[np.uint8], LetterboxTransform]:
     prepared = prepare(read_image(image.path), config, size)
     pixels = np.round(np.clip(prepared.pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
     return pixels, prepared.transform
@@ -82,7 +86,9 @@ def prepare_set(
         folder.mkdir(parents=True, exist_ok=True)
     pixels = np.zeros((len(images), size, size), dtype=np.uint8)
     transforms: list[LetterboxTransform] = []
-    for index, image in enumerate(tqdm(images, desc=f"prepare {size}px", disable=not progress, mininterval=5)):
+    for index, image in enumerate(
+        tqdm(images, desc=f"prepare {size}px", disable=not progress, mininterval=5)
+    ):
         entry = None if folder is None else folder / f"{_key(image.path)}.npz"
         loaded = False
         if entry is not None and entry.is_file():
@@ -104,7 +110,13 @@ def prepare_set(
         transforms.append(transform)
         if entry is not None:
             values = np.array(
-                [transform.scale, transform.pad_x, transform.pad_y, transform.source_width, transform.source_height],
+                [
+                    transform.scale,
+                    transform.pad_x,
+                    transform.pad_y,
+                    transform.source_width,
+                    transform.source_height,
+                ],
                 dtype=np.float64,
             )
             temporary = entry.with_suffix(".tmp.npz")

@@ -124,14 +124,21 @@ def fit_classifier(
     selection = select_images(everything, job)
     train_images = list(selection.train)
     targets = targets_of(train_images)
-    fit_idx, stop_idx = holdout_split([i.study_id for i in train_images], targets, job.stop_fraction, job.loop.seed)
+    fit_idx, stop_idx = holdout_split(
+        [i.study_id for i in train_images], targets, job.stop_fraction, job.loop.seed
+    )
     prepared = prepare_set(train_images, job.size, job.preprocess, cache_dir, progress)
     cross_validation = None
     if job.kfold >= 2:
-        cross_validation = _cross_validate(job, prepared.pixels, targets, train_images, work_dir, resume, progress)
+        cross_validation = _cross_validate(
+            job, prepared.pixels, targets, train_images, work_dir, resume, progress
+        )
     log.info(
         "training on %d images (%d positive), early stopping on %d, validating on %d",
-        len(fit_idx), int(targets[fit_idx].sum()), len(stop_idx), len(selection.valid),
+        len(fit_idx),
+        int(targets[fit_idx].sum()),
+        len(stop_idx),
+        len(selection.valid),
     )
     result = fit(
         prepared.pixels[fit_idx],
@@ -179,7 +186,11 @@ def _cross_validate(
         fit_rel, stop_rel = holdout_split(sub_studies, targets[train_idx], job.stop_fraction, job.loop.seed)
         fit_idx, stop_idx = train_idx[fit_rel], train_idx[stop_rel]
         result = fit(
-            pixels[fit_idx], targets[fit_idx], pixels[stop_idx], targets[stop_idx], outputs=1,
+            pixels[fit_idx],
+            targets[fit_idx],
+            pixels[stop_idx],
+            targets[stop_idx],
+            outputs=1,
             config=job.loop,
             checkpoint=None if work_dir is None else work_dir / f"fold{number}.pt",
             resume=resume,
@@ -213,9 +224,7 @@ def trained_regions(images: Sequence[LabelledImage], group: AnatomicalGroup | No
 def data_summary(fitted: ClassifierFit) -> dict[str, Any]:
     return {
         "sources": [str(p) for p in fitted.job.data],
-        "train": summarise(
-            [i for i in fitted.selection.train if i not in set(fitted.stop)]
-        ),
+        "train": summarise([i for i in fitted.selection.train if i not in set(fitted.stop)]),
         "early_stopping": summarise(list(fitted.stop)),
         "valid": summarise(list(fitted.selection.valid)),
         "left_out": list(fitted.selection.left_out),

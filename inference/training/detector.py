@@ -76,7 +76,12 @@ def famo_square(box: PixelBox, width: float, height: float) -> PixelBox:
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return (max(0.0, cx - side / 2), max(0.0, cy - side / 2), min(width, cx + side / 2), min(height, cy + side / 2))
+    return (
+        max(0.0, cx - side / 2),
+        max(0.0, cy - side / 2),
+        min(width, cx + side / 2),
+        min(height, cy + side / 2),
+    )
 
 
 def select_detector_images(
@@ -86,7 +91,9 @@ def select_detector_images(
     negatives = [i for i in images if i.split == split and i.label == 0 and not i.boxes]
     rng = np.random.default_rng([seed, 31])
     keep = min(len(negatives), int(round(negatives_per_positive * len(boxed))))
-    chosen = [negatives[k] for k in sorted(rng.choice(len(negatives), size=keep, replace=False))] if keep else []
+    chosen = (
+        [negatives[k] for k in sorted(rng.choice(len(negatives), size=keep, replace=False))] if keep else []
+    )
     return boxed + chosen
 
 
@@ -103,7 +110,8 @@ def write_yolo_folder(prepared: PreparedSet, folder: Path, part: str, famo: bool
         lines = []
         for box in prepared.boxes_in_pixels(index):
             x0, y0, x1, y1 = famo_square(box, size, size) if famo else box
-            lines.append(f"0 {(x0 + x1) / 2 / size:.6f} {(y0 + y1) / 2 / size:.6f} {(x1 - x0) / size:.6f} {(y1 - y0) / size:.6f}")
+            centre_x, centre_y = (x0 + x1) / 2 / size, (y0 + y1) / 2 / size
+            lines.append(f"0 {centre_x:.6f} {centre_y:.6f} {(x1 - x0) / size:.6f} {(y1 - y0) / size:.6f}")
         (labels_dir / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
 
 
@@ -142,11 +150,13 @@ def fit_detector(
         write_yolo_folder(prepared, folder, part, job.famo and part == "train")
     data_yaml = work_dir / "data.yaml"
     data_yaml.write_text(
-        json.dumps({"path": str(folder), "train": "images/train", "val": "images/val", "names": {"0": "fracture"}})
+        json.dumps(
+            {"path": str(folder), "train": "images/train", "val": "images/val", "names": {"0": "fracture"}}
+        )
     )
     prepare_ultralytics(work_dir / "ultralytics-config")
     import torch
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # type: ignore[attr-defined]
 
     device = job.device
     if device == "auto":
@@ -191,9 +201,11 @@ def fit_detector(
     if not last.is_file():
         raise TrainingError(f"ultralytics wrote no weights at {last}")
     state = torch.load(last, map_location="cpu", weights_only=False)
-    epochs_run = int(state.get("train_args", {}).get("epochs", job.epochs)) if state.get("epoch", -1) == -1 else int(
-        state.get("epoch", 0)
-    ) + 1
+    epochs_run = (
+        int(state.get("train_args", {}).get("epochs", job.epochs))
+        if state.get("epoch", -1) == -1
+        else int(state.get("epoch", 0)) + 1
+    )
     return DetectorFit(
         job=job,
         weights=last,

@@ -163,7 +163,9 @@ def _order(targets: NDArray[np.int64], outputs: int, config: LoopConfig, epoch: 
         return rng.permutation(targets.size).astype(np.int64)
     counts = np.bincount(targets).astype(np.float64)
     weights = 1.0 / counts[targets]
-    return rng.choice(targets.size, size=targets.size, replace=True, p=weights / weights.sum()).astype(np.int64)
+    return rng.choice(targets.size, size=targets.size, replace=True, p=weights / weights.sum()).astype(
+        np.int64
+    )
 
 
 def fit(
@@ -219,8 +221,13 @@ def fit(
     elapsed = 0.0
     if resume and checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if _identity(state.get("config", {})) != _identity(config.as_dict()) or state.get("outputs") != outputs:
-            raise TrainingError(f"{checkpoint} belongs to a run with other settings; remove it or drop --resume")
+        if (
+            _identity(state.get("config", {})) != _identity(config.as_dict())
+            or state.get("outputs") != outputs
+        ):
+            raise TrainingError(
+                f"{checkpoint} belongs to a run with other settings; remove it or drop --resume"
+            )
         module.load_state_dict(state["module"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
@@ -271,8 +278,12 @@ def fit(
         bar.close()
         stop_logits = predict_logits(module, stop_pixels, device, config.eval_batch)
         value = score(stop_targets, stop_logits)
-        record = {"epoch": epoch + 1, "loss": running / max(seen, 1), "stop_score": value,
-                  "seconds": time.monotonic() - began}
+        record = {
+            "epoch": epoch + 1,
+            "loss": running / max(seen, 1),
+            "stop_score": value,
+            "seconds": time.monotonic() - began,
+        }
         history.append(record)
         improved = not math.isnan(value) and value > best_score
         if improved:
@@ -280,7 +291,12 @@ def fit(
             best_state = copy.deepcopy(module.state_dict())
         log.info(
             "epoch %d/%d loss %.4f stop score %.4f%s (%.0f s)",
-            epoch + 1, config.epochs, record["loss"], value, " best" if improved else "", record["seconds"],
+            epoch + 1,
+            config.epochs,
+            record["loss"],
+            value,
+            " best" if improved else "",
+            record["seconds"],
         )
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)

@@ -52,21 +52,29 @@ def machine() -> str:
     return cuda or f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def calibration_fields(scores: NDArray[np.float64], labels: NDArray[np.int64], seed: int = 0) -> dict[str, Any]:
+def calibration_fields(
+    scores: NDArray[np.float64], labels: NDArray[np.int64], seed: int = 0
+) -> dict[str, Any]:
     """Temperature, operating points and metrics from uncalibrated logits of labelled images."""
     report = calibrate_temperature(scores, labels)
     probabilities = sigmoid(scores / report.temperature)
     points = operating_points(labels, probabilities, seed=seed)
     metrics = binary_metrics(labels, probabilities)
     metrics["calibration"] = report.as_dict()
-    metrics["operating_points_selection"] = "thresholds on all validation images; sensitivity/specificity " \
+    metrics["operating_points_selection"] = (
+        "thresholds on all validation images; sensitivity/specificity "
         "out-of-fold from 5x repeated stratified 5-fold selection, Wilson 95% CI"
+    )
     return {"temperature": report.temperature, "operating_points": points, "validation_metrics": metrics}
 
 
-def calibration_images(images: Sequence[LabelledImage], regions: Sequence[Region], split: str | None) -> list[LabelledImage]:
+def calibration_images(
+    images: Sequence[LabelledImage], regions: Sequence[Region], split: str | None
+) -> list[LabelledImage]:
     """Labelled images of ``regions`` (and ``split``) from sources with confirmed negatives."""
-    chosen = [i for i in select(images, regions=regions, labelled_only=True) if split is None or i.split == split]
+    chosen = [
+        i for i in select(images, regions=regions, labelled_only=True) if split is None or i.split == split
+    ]
     with_negatives = {i.source for i in chosen if i.label == 0}
     return [i for i in chosen if i.source in with_negatives]
 
@@ -75,7 +83,9 @@ def per_group_auroc(images: Sequence[LabelledImage], scores: NDArray[np.float64]
     """AUROC with CI of the images of each anatomical group (an image counts in each group it shows)."""
     out: dict[str, Any] = {}
     for group in AnatomicalGroup:
-        mask = np.array([any(DEFAULT_GROUP_TABLE.group_of(r) == group for r in i.all_regions) for i in images])
+        mask = np.array(
+            [any(DEFAULT_GROUP_TABLE.group_of(r) == group for r in i.all_regions) for i in images]
+        )
         if not mask.any():
             continue
         labels = np.array([i.label for i in images], dtype=np.int64)[mask]
@@ -101,7 +111,11 @@ def package_classifier(
         fields = calibration_fields(scores, labels, job.loop.seed)
     except CalibrationError as exc:
         log.warning("not calibrated: %s", exc)
-        fields["validation_metrics"] = {"n": int(labels.size), "positives": int(labels.sum()), "note": str(exc)}
+        fields["validation_metrics"] = {
+            "n": int(labels.size),
+            "positives": int(labels.sum()),
+            "note": str(exc),
+        }
     fields["validation_metrics"]["per_group"] = per_group_auroc(fitted.selection.valid, scores)
     fields["validation_metrics"]["split"] = job.valid_split
     training = data_summary(fitted)
@@ -138,7 +152,9 @@ def package_classifier(
     return write_package(out, card, {WEIGHTS_FILE: weights})
 
 
-def package_region(fitted: RegionFit, out: Path, name: str, version: str = "1.0.0", notes: str = "") -> ModelPackage:
+def package_region(
+    fitted: RegionFit, out: Path, name: str, version: str = "1.0.0", notes: str = ""
+) -> ModelPackage:
     temperature, metrics = region_metrics(fitted)
     training = region_summary(fitted)
     training.update(
@@ -178,7 +194,9 @@ def package_region(fitted: RegionFit, out: Path, name: str, version: str = "1.0.
 
 def detector_scores(
     package: ModelPackage, images: Sequence[LabelledImage], cache_dir: Path | None, device: str = "cpu"
-) -> tuple[list[list[tuple[float, float, float, float, float]]], list[list[tuple[float, float, float, float]]]]:
+) -> tuple[
+    list[list[tuple[float, float, float, float, float]]], list[list[tuple[float, float, float, float]]]
+]:
     """Raw (uncalibrated) boxes per image and the images' true boxes, both in prepared pixels."""
     from inference.models.detector import YoloDetector
 
@@ -316,7 +334,10 @@ def calibrate_package(
         config = PreprocessConfig.from_dict(card.preprocessing)
         pixels = prepare_set(chosen, card.input_size, config, cache_dir, progress=False).pixels
         scores = np.concatenate(
-            [classifier.logits(pixels[s : s + 32].astype(np.float32) / 255.0) for s in range(0, len(pixels), 32)]
+            [
+                classifier.logits(pixels[s : s + 32].astype(np.float32) / 255.0)
+                for s in range(0, len(pixels), 32)
+            ]
         ).astype(np.float64)
         labels = np.array([i.label for i in chosen], dtype=np.int64)
         fields = calibration_fields(scores, labels, seed)

@@ -89,13 +89,23 @@ def fit_region(
     targets = np.array([index[i.region] for i in train], dtype=np.int64)
     fit_idx, stop_idx = holdout_split([i.study_id for i in train], targets, job.stop_fraction, job.loop.seed)
     prepared = prepare_set(train, job.size, job.preprocess, cache_dir, progress)
-    log.info("region classes %s; training on %d, early stopping on %d, validating on %d",
-             [str(c) for c in classes], len(fit_idx), len(stop_idx), len(valid))
+    log.info(
+        "region classes %s; training on %d, early stopping on %d, validating on %d",
+        [str(c) for c in classes],
+        len(fit_idx),
+        len(stop_idx),
+        len(valid),
+    )
     result = fit(
-        prepared.pixels[fit_idx], targets[fit_idx], prepared.pixels[stop_idx], targets[stop_idx],
-        outputs=len(classes), config=job.loop,
+        prepared.pixels[fit_idx],
+        targets[fit_idx],
+        prepared.pixels[stop_idx],
+        targets[stop_idx],
+        outputs=len(classes),
+        config=job.loop,
         checkpoint=None if work_dir is None else work_dir / "checkpoint.pt",
-        resume=resume, progress=progress,
+        resume=resume,
+        progress=progress,
     )
     valid_targets = np.array([index[i.region] for i in valid], dtype=np.int64)
     valid_logits = np.zeros((0, len(classes)), dtype=np.float32)
@@ -131,7 +141,10 @@ def region_metrics(fitted: RegionFit) -> tuple[float, dict[str, Any]]:
         "accuracy": round(correct / len(targets), 4),
         "accuracy_ci": [round(v, 4) for v in wilson_interval(correct, len(targets))],
         "per_region": per_region,
-        "confusion": {"classes": [str(c) for c in fitted.classes], "rows_true_cols_predicted": confusion.tolist()},
+        "confusion": {
+            "classes": [str(c) for c in fitted.classes],
+            "rows_true_cols_predicted": confusion.tolist(),
+        },
     }
 
 

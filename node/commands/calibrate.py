@@ -22,8 +22,14 @@ from node.settings import Settings
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("calibrate", help="fit temperature and operating points of a model package")
     parser.add_argument("package", type=Path, metavar="PACKAGE", help="model package directory")
-    parser.add_argument("--data", type=Path, action="append", required=True, metavar="PATH",
-                        help="data folder or CSV (repeatable)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="data folder or CSV (repeatable)",
+    )
     parser.add_argument("--split", default="valid", help="split to calibrate on ('all' for every image)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     parser.add_argument("--cache", type=Path, default=Path("var/cache"), metavar="DIR")
@@ -53,5 +59,9 @@ def calibrate(args: argparse.Namespace, settings: Settings) -> int:
             f"  {point.name}: threshold {point.threshold:.4f} sensitivity {point.sensitivity:.3f} "
             f"{list(point.sensitivity_ci)} specificity {point.specificity:.3f} {list(point.specificity_ci)}"
         )
-    print(json.dumps({k: v for k, v in card.validation_metrics.items() if k != "per_group"}, indent=2, default=str))
+    print(
+        json.dumps(
+            {k: v for k, v in card.validation_metrics.items() if k != "per_group"}, indent=2, default=str
+        )
+    )
     return 0

@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.add_argument("name", metavar="NAME", help="package name (or a package directory)")
     show.set_defaults(handler=show_model)
     verify = actions.add_parser("verify", help="check the weight checksums")
-    verify.add_argument("path", type=Path, nargs="?", default=None, metavar="PATH", help="one package directory")
+    verify.add_argument(
+        "path", type=Path, nargs="?", default=None, metavar="PATH", help="one package directory"
+    )
     verify.set_defaults(handler=verify_models)
 
 
@@ -86,8 +88,10 @@ def list_models(args: argparse.Namespace, settings: Settings) -> int:
         card = package.card
         group = card.group or "-"
         regions = ",".join(card.regions)
-        print(f"{card.name:<28} {card.version:<8} {card.kind:<10} {card.architecture:<19} {group:<15} "
-              f"[{regions}] {headline(card)}")
+        print(
+            f"{card.name:<28} {card.version:<8} {card.kind:<10} {card.architecture:<19} {group:<15} "
+            f"[{regions}] {headline(card)}"
+        )
     return 0
 
 

@@ -29,10 +29,18 @@ log = logging.getLogger(__name__)
 
 
 def _common(parser: argparse.ArgumentParser, size: int, epochs: int, batch: int) -> None:
-    parser.add_argument("--data", type=Path, action="append", required=True, metavar="PATH",
-                        help="FracAtlas / upper-limb-web / MURA folder or CSV file (repeatable)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="FracAtlas / upper-limb-web / MURA folder or CSV file (repeatable)",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="package directory to write")
-    parser.add_argument("--name", default=None, help="model name in the card (default: the --out folder name)")
+    parser.add_argument(
+        "--name", default=None, help="model name in the card (default: the --out folder name)"
+    )
     parser.add_argument("--version", default="1.0.0", help="model version in the card")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--size", type=int, default=size, help="input size in pixels (square)")
@@ -41,10 +49,20 @@ def _common(parser: argparse.ArgumentParser, size: int, epochs: int, batch: int)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
-    parser.add_argument("--work", type=Path, default=None, metavar="DIR",
-                        help="checkpoints and logs (default: var/train/<name>)")
-    parser.add_argument("--cache", type=Path, default=Path("var/cache"), metavar="DIR",
-                        help="prepared-pixel cache (default: var/cache)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="checkpoints and logs (default: var/train/<name>)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("var/cache"),
+        metavar="DIR",
+        help="prepared-pixel cache (default: var/cache)",
+    )
     parser.add_argument("--clahe", action="store_true", help="add CLAHE to the preprocessing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--notes", default="", help="free text for the card")
@@ -57,29 +75,45 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     classifier = kinds.add_parser("classifier", help="fracture classifier (torchvision, from scratch)")
     _common(classifier, size=224, epochs=14, batch=32)
     scope = classifier.add_mutually_exclusive_group(required=True)
-    scope.add_argument("--group", choices=[str(g) for g in AnatomicalGroup], help="train on this group's images")
+    scope.add_argument(
+        "--group", choices=[str(g) for g in AnatomicalGroup], help="train on this group's images"
+    )
     scope.add_argument("--all-regions", action="store_true", help="train on every region of the data")
-    classifier.add_argument("--regions", default=None,
-                            help="comma-separated regions to train on instead of the group's (e.g. leg,hip)")
+    classifier.add_argument(
+        "--regions",
+        default=None,
+        help="comma-separated regions to train on instead of the group's (e.g. leg,hip)",
+    )
     classifier.add_argument("--backbone", choices=BACKBONES, default="mobilenet_v3_small")
     classifier.add_argument("--lr", type=float, default=2e-3)
-    classifier.add_argument("--balance", choices=("undersample", "weight", "sample", "none"), default="undersample")
+    classifier.add_argument(
+        "--balance", choices=("undersample", "weight", "sample", "none"), default="undersample"
+    )
     classifier.add_argument("--negatives-per-positive", type=float, default=2.0)
     classifier.add_argument("--patience", type=int, default=6)
-    classifier.add_argument("--kfold", type=int, default=0, metavar="K", help="repeated stratified K-fold first")
+    classifier.add_argument(
+        "--kfold", type=int, default=0, metavar="K", help="repeated stratified K-fold first"
+    )
     classifier.add_argument("--repeats", type=int, default=1, metavar="R")
     classifier.set_defaults(handler=train_classifier)
 
     detector = kinds.add_parser("detector", help="YOLOv8 fracture detector (built from the yaml)")
     _common(detector, size=320, epochs=10, batch=16)
     detector.add_argument("--variant", choices=YOLO_VARIANTS, default="n")
-    detector.add_argument("--hours", type=float, default=None, help="stop after this many hours (overrides epochs)")
+    detector.add_argument(
+        "--hours", type=float, default=None, help="stop after this many hours (overrides epochs)"
+    )
     detector.add_argument("--famo", action="store_true", help="square training boxes (FAMO)")
-    detector.add_argument("--negatives-per-positive", type=float, default=0.5,
-                          help="confirmed-negative background images per boxed image")
+    detector.add_argument(
+        "--negatives-per-positive",
+        type=float,
+        default=0.5,
+        help="confirmed-negative background images per boxed image",
+    )
     detector.add_argument("--workers", type=int, default=2)
-    detector.add_argument("--group", choices=[str(g) for g in AnatomicalGroup], default=None,
-                          help="primary group for the card")
+    detector.add_argument(
+        "--group", choices=[str(g) for g in AnatomicalGroup], default=None, help="primary group for the card"
+    )
     detector.set_defaults(handler=train_detector)
 
     region = kinds.add_parser("region", help="body-region classifier for the router")
@@ -88,7 +122,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     region.add_argument("--lr", type=float, default=2e-3)
     region.add_argument("--class-cap", type=int, default=200, help="images per region per epoch at most")
     region.add_argument("--patience", type=int, default=6)
-    region.add_argument("--min-images", type=int, default=20, help="fewest training images that make a region a class")
+    region.add_argument(
+        "--min-images", type=int, default=20, help="fewest training images that make a region a class"
+    )
     region.set_defaults(handler=train_region)
 
 
@@ -208,8 +244,13 @@ def train_detector(args: argparse.Namespace, settings: Settings) -> int:
     try:
         fitted = fit_detector(job, args.cache, work, resume=args.resume, progress=not args.no_progress)
         package = package_detector(
-            fitted, args.out, name, args.cache, args.version,
-            None if args.group is None else AnatomicalGroup(args.group), args.notes,
+            fitted,
+            args.out,
+            name,
+            args.cache,
+            args.version,
+            None if args.group is None else AnatomicalGroup(args.group),
+            args.notes,
         )
     except (DatasetError, TrainingError, PackageError, CalibrationError) as exc:
         raise CliError(str(exc)) from exc
