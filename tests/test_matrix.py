@@ -211,3 +211,18 @@ def test_each_unit_is_called_at_its_own_models_threshold() -> None:
     assert (point.confusion.tp, point.confusion.fp, point.confusion.tn, point.confusion.fn) == (2, 0, 2, 0)
     assert math.isnan(point.threshold)
     assert result.auroc.estimate == pytest.approx(0.5)  # ranking uses the probabilities themselves
+
+
+def test_unreadable_image_is_left_out_and_listed() -> None:
+    from inference.evaluation.runner import ImageUnavailable
+
+    images = generated_images(per_region=4)
+
+    def broken() -> np.ndarray:
+        raise ImageUnavailable("cannot decode hand_x.png")
+
+    images.append(EvalImage("hand-x", 1, (Region.HAND,), "hx", (), broken))
+    plans = [ModelPlan(hand_model(), None)]
+    result = run_models(images, plans, select_images(images, plans), progress=False)
+    assert result.failures == (("hand-x", "cannot decode hand_x.png"),)
+    assert result.runs[0].indices.tolist() == list(range(len(images) - 1))
