@@ -179,7 +179,10 @@ def test_suite_with_matrix_writes_report_json_and_figures(tmp_path: Path) -> Non
     assert hand_rows[("region", "shoulder")]["subset"]["out_of_group"] is True
     assert hand_rows[("region", "wrist")]["subset"]["out_of_group"] is False
     assert ("region", "leg") not in hand_rows
-    assert data["models"][0]["calibration"]["temperature"] == 1.5
+    calibration = data["models"][0]["calibration"]
+    assert calibration["temperature"] == 1.5
+    for when in ("reliability_before", "reliability_after"):
+        assert sum(calibration[when]["counts"]) == 36
     for name in data["models"][0]["figures"] + data["matrix"]["figures"]:
         assert (tmp_path / "eval" / "figures" / name).read_bytes()[:4] == b"\x89PNG"
     assert {"transfer_matrix_auroc.png", "transfer_matrix_accuracy.png"} == set(data["matrix"]["figures"])

@@ -35,10 +35,12 @@ from inference.evaluation.metrics import (
     DEFAULT_RESAMPLES,
     ClassificationMetrics,
     Interval,
+    Reliability,
     bootstrap_intervals,
     brier_rows,
     classification_metrics,
     ece_rows,
+    reliability,
 )
 from inference.evaluation.runner import EvalImage, ModelRun, thresholds_of, uncalibrated
 from inference.modelcard import ModelCard, ModelKind
@@ -91,6 +93,8 @@ class CalibrationCheck:
     ece_after: Interval
     brier_before: Interval
     brier_after: Interval
+    reliability_before: Reliability  # the reliability diagram's bins
+    reliability_after: Reliability
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +263,8 @@ def calibration_check(
         ece_after=scaled["ece"],
         brier_before=raw["brier"],
         brier_after=scaled["brier"],
+        reliability_before=reliability(labels, before),
+        reliability_after=reliability(labels, run.probabilities),
     )
 
 
