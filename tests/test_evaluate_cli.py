@@ -233,3 +233,44 @@ def test_evaluate_a_dicom_folder_with_a_label_csv(
     assert overall["image"]["n"] == 8 and overall["study_mean"]["n"] == 4
     # The region came from BodyPartExamined, resolved by the node's routing tables.
     assert {r["subset"]["name"] for r in data["models"][0]["rows"]} == {"all", "upper-distal", "wrist"}
+
+
+def test_evaluate_the_bundled_detector_on_fracatlas_images(
+    fracatlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FROC, mAP and the three levels on real boxes: a small FracAtlas-layout copy of `valid`."""
+    from inference.modelcard import ModelKind
+    from inference.packages import bundled_directory, discover
+
+    detectors = [p for p in discover(bundled_directory()) if p.card.kind == ModelKind.DETECTOR]
+    if not detectors:
+        pytest.skip(f"no detector package committed under {bundled_directory()} yet")
+    with (fracatlas / "labels.csv").open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "valid"]
+    chosen = [r for r in rows if r["fractured"] == "1"][:6] + [r for r in rows if r["fractured"] == "0"][:6]
+    subset = tmp_path / "fracatlas-mini"
+    (subset / "images").mkdir(parents=True)
+    (subset / "yolo").mkdir()
+    with (subset / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(chosen)
+    for row in chosen:
+        stem = Path(row["image_id"]).stem
+        (subset / "images" / row["image_id"]).symlink_to(fracatlas / "images" / row["image_id"])
+        boxes = fracatlas / "yolo" / f"{stem}.txt"
+        if boxes.is_file():
+            (subset / "yolo" / f"{stem}.txt").symlink_to(boxes)
+    out = tmp_path / "eval"
+    code = run(
+        "evaluate", str(subset), "--model", str(detectors[0].path), "--out", str(out),
+        "--bootstrap", "20", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    found = data["models"][0]["rows"][0]["detection"]
+    assert found["images"] == 12 and found["lesions"] >= 6
+    assert found["map50"] is not None and 0.0 <= found["map50"] <= 1.0
+    assert [rate for rate, _ in found["froc"]["recall_at"]] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert found["image_level"]["n"] == 12 and found["case_level"]["n"] == 12
+    assert any(name.endswith("_froc.png") for name in data["models"][0]["figures"])

@@ -116,6 +116,15 @@ def test_protocol_and_relations() -> None:
     assert relation(model.card, Region.LEG) == Relation.OTHER_GROUP
 
 
+def test_a_card_without_regions_or_group_covers_every_group() -> None:
+    from inference.evaluation.scoring import home_groups
+
+    everywhere = card("all", (), None)
+    assert home_groups(everywhere) == frozenset(AnatomicalGroup)
+    assert relation(everywhere, Region.FOOT) == Relation.SAME_REGION
+    assert home_groups(card("g", (), AnatomicalGroup.LOWER_DISTAL)) == {AnatomicalGroup.LOWER_DISTAL}
+
+
 def test_matrix_shape_values_and_summary(tmp_path: Path) -> None:
     images = generated_images()
     plans = [ModelPlan(hand_model(), None), ModelPlan(leg_model(), None)]

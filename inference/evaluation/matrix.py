@@ -84,8 +84,9 @@ class TransferMatrix:
 
 
 def relation(card: ModelCard, region: Region, table: GroupTable = DEFAULT_GROUP_TABLE) -> Relation:
-    """How a test region relates to what the model was trained on, by the group table."""
-    if region in card.regions:
+    """How a test region relates to what the model was trained on, by the group table (a card
+    naming no region and no group was trained on every region)."""
+    if region in card.regions or (not card.regions and card.group is None):
         return Relation.SAME_REGION
     if table.group_of(region) in home_groups(card, table):
         return Relation.SAME_GROUP

@@ -106,7 +106,10 @@ class ModelEvaluation:
 
 
 def home_groups(card: ModelCard, table: GroupTable = DEFAULT_GROUP_TABLE) -> frozenset[AnatomicalGroup]:
-    """The groups a card was trained for: its own group and the groups of its regions."""
+    """The groups a card was trained for: its own group and the groups of its regions; every
+    group for a card that names neither (a model trained on all regions)."""
+    if not card.regions and card.group is None:
+        return frozenset(AnatomicalGroup)
     groups = {g for g in (table.group_of(r) for r in card.regions) if g is not None}
     if card.group is not None:
         groups.add(card.group)
