@@ -233,7 +233,7 @@ def _detector_sections(model: Mapping[str, Any], figures: Sequence[str]) -> list
         [
             "subset",
             "images",
-            "fractures",
+            "fracture boxes",
             "mAP@0.5",
             "mAP@0.5:0.95",
             f"recall at {rates} FP/image",
