@@ -225,6 +225,7 @@ class DicomServer:
             evt_handlers=self._handlers(),
             server_class=_HostFilteringServer,
         )
+        assert isinstance(server, _HostFilteringServer)
         server.allowed_networks = networks
         server.on_refused = refused
         # What AE.start_server does for the servers it makes, so AE.shutdown() stops this one too.

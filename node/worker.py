@@ -22,10 +22,11 @@ from pydicom.dataset import Dataset
 
 from inference.priority import signal_decision
 from inference.routing import KeywordTable
+from inference.regions import Region
 from inference.values import Priority, StudyResult
 from node.analysis import AnalysisConfig, analyse_study
 from node.hl7 import build_oru
-from node.metrics import Metrics
+from node.metrics import Metrics, NotAnalysedReason
 from node.modelset import ModelSet
 from node.outputs import OutputConfig, summary, write_result
 from node.results.common import ResultBuildError
@@ -162,14 +163,14 @@ class StudyProcessor:
         return str(message).encode("utf-8")
 
 
-def _reason_label(result: StudyResult) -> str:
-    reasons = {str(i.routing.region) for i in result.not_analysed}
-    if any(i.error for i in result.not_analysed):
-        return "decode_error"
-    if "other" in reasons:
-        return "region_other"
-    if "unknown" in reasons:
-        return "region_unknown"
+def _reason_label(result: StudyResult) -> NotAnalysedReason:
+    """The bounded metric label of a study that no group could analyse."""
+    if not result.not_analysed:
+        return "no_images"
+    if any(image.error for image in result.not_analysed):
+        return "decode_failed"
+    if any(image.routing.region in (Region.OTHER, Region.UNKNOWN) for image in result.not_analysed):
+        return "region_not_supported"
     return "no_model"
 
 
