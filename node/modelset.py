@@ -53,10 +53,14 @@ class ModelSet:
         return [p.card for p in self.packages]
 
 
-def installed_packages(directory: Path | None) -> list[ModelPackage]:
+def installed_packages(directory: Path | None, *, include_bundled: bool = True) -> list[ModelPackage]:
     """Bundled packages, overridden by name by those in ``directory``; not yet verified."""
+    if directory is not None and not directory.is_dir():
+        raise ModelSetError(f"models.directory {directory} is not a directory")
     by_name: dict[str, ModelPackage] = {}
-    roots = [bundled_directory()] + ([directory] if directory is not None else [])
+    roots = ([bundled_directory()] if include_bundled else []) + (
+        [directory] if directory is not None else []
+    )
     for root in roots:
         if root.is_dir():
             for package in discover(root):
@@ -78,9 +82,13 @@ def _better(candidate: ModelCard, current: ModelCard | None, group: AnatomicalGr
 
 
 def load_model_set(
-    directory: Path | None, *, device: str = "cpu", table: GroupTable = DEFAULT_GROUP_TABLE
+    directory: Path | None,
+    *,
+    device: str = "cpu",
+    include_bundled: bool = True,
+    table: GroupTable = DEFAULT_GROUP_TABLE,
 ) -> ModelSet:
-    packages = installed_packages(directory)
+    packages = installed_packages(directory, include_bundled=include_bundled)
     classifiers: dict[AnatomicalGroup, FractureClassifier] = {}
     detectors: dict[AnatomicalGroup, FractureDetector] = {}
     region_model: RegionClassifier | None = None

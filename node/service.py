@@ -116,7 +116,8 @@ def outbox_config(settings: Settings) -> OutboxConfig:
 
 
 def load_models(settings: Settings) -> ModelSet:
-    return load_model_set(settings.models.directory, device=settings.models.device)
+    m = settings.models
+    return load_model_set(m.directory, device=m.device, include_bundled=m.include_bundled)
 
 
 @dataclass

@@ -110,8 +110,10 @@ class PipelineSettings(_Section):
 
 
 class ModelSettings(_Section):
-    # None: the bundled default models shipped with the package.
+    # Packages here are added to the bundled ones (a package of the same name replaces it).
     directory: Path | None = None
+    # False: serve only the packages in `directory` (a site's own models).
+    include_bundled: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

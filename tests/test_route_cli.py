@@ -10,17 +10,25 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
+from inference.regions import AnatomicalGroup
 from node.cli import main
 from tests.dicomgen import CR_STORAGE, encode, make_dataset, phantom, write
+from tests.modelgen import all_groups, classifier_package
 
 SECRETS = ("TEST^PATIENT", "TESTID001")  # dicomgen's patient name and ID
 
 
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test classifier for every group, so routing is shown as on a fully equipped node."""
+    return all_groups(tmp_path_factory.mktemp("models"))
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """An empty fracnode.toml, so that no ./fracnode.toml of the machine leaks in."""
+def config(tmp_path: Path, models_dir: Path) -> Path:
+    """A fracnode.toml naming the test models (no ./fracnode.toml of the machine leaks in)."""
     path = tmp_path / "fracnode.toml"
-    path.write_text("", encoding="utf-8")
+    path.write_text(f"[models]\ndirectory = {json.dumps(str(models_dir))}\n", encoding="utf-8")
     return path
 
 
@@ -144,11 +152,15 @@ def test_nothing_readable_exits_2(capsys: pytest.CaptureFixture[str], config: Pa
     assert code == 2 and "no such file or directory" in err
 
 
-def test_site_keywords_from_settings(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_site_keywords_from_settings(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
     site = tmp_path / "site-keywords.toml"
     site.write_text('[regions.wrist]\nkeywords = ["RANNE"]\n[laterality]\nL = ["VASEN"]\n', encoding="utf-8")
-    config = tmp_path / "fracnode.toml"
-    config.write_text(f"[routing]\nkeywords_file = {json.dumps(str(site))}\n", encoding="utf-8")
+    config.write_text(
+        config.read_text(encoding="utf-8") + f"[routing]\nkeywords_file = {json.dumps(str(site))}\n",
+        encoding="utf-8",
+    )
     ds = make_dataset(body_part=None, study_description="RANNE VASEN", series_description="")
     del ds.ImageLaterality, ds.Laterality, ds.AnatomicRegionSequence  # the description must do it all
     image = write(ds, tmp_path / "x.dcm")
@@ -162,3 +174,19 @@ def test_site_keywords_from_settings(capsys: pytest.CaptureFixture[str], tmp_pat
     site.write_text("[regions.wristt]\nkeywords = ['X']\n", encoding="utf-8")
     code, _, err = _run(capsys, config, str(image))
     assert code == 2 and str(site) in err and "regions.wristt" in err
+
+
+def test_a_region_without_its_own_model_goes_to_the_nearest_group(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, rg3_files: dict[str, Path]
+) -> None:
+    """Only a lower-middle (knee, leg) model installed: the RG3 ankle is read by it, flagged."""
+    classifier_package(tmp_path / "models", AnatomicalGroup.LOWER_MIDDLE)
+    config = tmp_path / "only-leg.toml"
+    config.write_text(
+        f"[models]\ndirectory = {json.dumps(str(tmp_path / 'models'))}\ninclude_bundled = false\n",
+        encoding="utf-8",
+    )
+    lines = _json(capsys, config, str(rg3_files["RG3_UNCR"]))
+    assert [(line["region"], line["group"], line["out_of_group"]) for line in lines] == [
+        ("ankle", "lower-middle", True)
+    ]

@@ -46,14 +46,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(handler=route_files)
 
 
-def _available_groups(settings: Settings) -> frozenset[AnatomicalGroup]:
-    """The groups with an installed fracture model. All of them until models are wired in."""
-    return frozenset(AnatomicalGroup)
+def _installed(settings: Settings) -> tuple[frozenset[AnatomicalGroup], RegionClassifier | None]:
+    """The groups with an installed fracture model and the region classifier, as the node
+    loads them at start-up (verified packages, bundled and from ``models.directory``)."""
+    from node.modelset import ModelSetError, load_model_set  # loads torch: only for this command
 
-
-def _region_model(settings: Settings) -> RegionClassifier | None:
-    """The image-based region classifier, step (d) of routing. None until one is installed."""
-    return None
+    try:
+        m = settings.models
+        models = load_model_set(m.directory, device=m.device, include_bundled=m.include_bundled)
+    except ModelSetError as exc:
+        raise CliError(str(exc)) from exc
+    return models.available, models.region_model
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +91,7 @@ def route_files(args: argparse.Namespace, settings: Settings) -> int:
         keywords = load_keywords(settings.routing.keywords_file)
     except KeywordFileError as exc:
         raise CliError(f"routing.keywords_file: {exc}") from exc
-    available = _available_groups(settings)
-    region_model = _region_model(settings)
+    available, region_model = _installed(settings)
     table = DEFAULT_GROUP_TABLE
 
     lines: list[RouteLine] = []
