@@ -119,7 +119,7 @@ class OutboxRunner:
                     send_mllp(
                         self.config.hl7_host,
                         self.config.hl7_port,
-                        path.read_text("utf-8"),
+                        path.read_bytes().decode("utf-8"),  # HL7 segments end in CR: no newline translation
                         self.config.hl7_timeout_s,
                     )
             except Hl7DeliveryError as exc:

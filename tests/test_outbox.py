@@ -183,3 +183,75 @@ def test_warning_status_counts_as_delivered(db: Database, tmp_path: Path) -> Non
         destination.stop()
     (item,) = repo.list_outbox(db)
     assert item.state == OutboxState.DELIVERED and item.last_status == 0xB000
+
+
+def test_hl7_result_goes_through_the_same_outbox(db: Database, tmp_path: Path) -> None:
+    from node.hl7 import build_oru
+    from tests.test_hl7 import MllpListener, urgent_study
+
+    result = urgent_study()
+    ds = make_dataset(study_uid=result.study_instance_uid)
+    repo.record_instance(
+        db,
+        InstanceRecord(
+            study_uid=result.study_instance_uid,
+            series_uid=str(ds.SeriesInstanceUID),
+            sop_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            transfer_syntax_uid=str(ExplicitVRLittleEndian),
+            path="x.dcm",
+            size_bytes=1,
+            sha256="0" * 64,
+            modality="DX",
+            body_part="WRIST",
+            calling_ae="TEST",
+            received_at=datetime.now(UTC),
+        ),
+    )
+    message = build_oru(
+        result,
+        accession_number="ACC1",
+        sending_app="FRACNODE",
+        receiving_app="RIS",
+        receiving_facility="HOSPITAL",
+        control_id="T1",
+    )
+    payload = tmp_path / "oru.hl7"
+    payload.write_bytes(str(message).encode("utf-8"))  # segments end in CR: no text-mode newline handling
+    repo.enqueue_outbox(
+        db,
+        [
+            OutboxRecord(
+                study_uid=result.study_instance_uid,
+                revision=1,
+                kind=OutboxKind.HL7,
+                destination="hl7",
+                payload_path=str(payload),
+            )
+        ],
+    )
+    port = free_port()
+    registry = CollectorRegistry()
+    runner = OutboxRunner(
+        db,
+        {},
+        OutboxConfig(
+            calling_ae_title="FRACNODE",
+            max_attempts=5,
+            base_delay_s=0.05,
+            max_delay_s=0.1,
+            hl7_host="127.0.0.1",
+            hl7_port=port,
+            hl7_timeout_s=2.0,
+        ),
+        Metrics(registry),
+        rng=random.Random(0),
+    )
+    assert runner.run_once()  # the RIS is down: retried later
+    assert repo.list_outbox(db)[0].state == OutboxState.PENDING
+    with MllpListener(port) as listener:
+        _drain(runner)
+    (item,) = repo.list_outbox(db)
+    assert item.state == OutboxState.DELIVERED
+    assert len(listener.received) == 1 and str(listener.received[0]) == str(message)
+    assert registry.get_sample_value("fracnode_exports_total", {"destination": "hl7", "outcome": "sent"}) == 1
