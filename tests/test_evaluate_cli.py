@@ -161,7 +161,9 @@ def test_evaluate_installed_models_routed_as_the_node_routes(
     csv_source: Path, packages: dict[str, ModelPackage], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "fracnode.toml"
-    config.write_text(f'[models]\ndirectory = "{packages["upper"].path.parent}"\ndevice = "cpu"\n')
+    config.write_text(
+        f'[models]\ndirectory = "{packages["upper"].path.parent}"\ndevice = "cpu"\ninclude_bundled = false\n'
+    )
     out = tmp_path / "eval"
     code = run(
         "--config",
@@ -176,15 +178,20 @@ def test_evaluate_installed_models_routed_as_the_node_routes(
     )
     assert code == 0, capsys.readouterr().err
     data = json.loads((out / "results.json").read_text())
-    mine = {m["card"]["name"]: m for m in data["models"] if m["card"]["name"].startswith("tiny-")}
+    mine = {m["card"]["name"]: m for m in data["models"]}
+    assert set(mine) == {"tiny-upper-distal", "tiny-lower-middle"}  # the bundled models left out
     assert mine["tiny-upper-distal"]["served"] == ["upper-distal"]
     assert mine["tiny-lower-middle"]["served"] == ["lower-middle"]
     upper_rows = {r["subset"]["name"] for r in mine["tiny-upper-distal"]["rows"]}
     assert "leg" not in upper_rows and {"hand", "wrist"} <= upper_rows
     lower_overall = mine["tiny-lower-middle"]["rows"][0]
     assert lower_overall["subset"]["name"] == "all" and lower_overall["image"]["n"] == 8
-    deciding = dict(map(tuple, data["node"]["deciding"]))
-    assert deciding["upper-distal"] == "tiny-upper-distal" and deciding["lower-middle"] == "tiny-lower-middle"
+    assert data["node"]["deciding"] == [
+        ["upper-distal", "tiny-upper-distal"],
+        ["lower-middle", "tiny-lower-middle"],
+    ]
+    node_overall = data["node"]["rows"][0]
+    assert node_overall["subset"]["name"] == "all" and node_overall["image"]["n"] == 24
 
 
 def test_explain_writes_overlays(

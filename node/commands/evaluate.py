@@ -195,7 +195,11 @@ def _load_plans(packages: Sequence[Path], settings: Settings) -> list[ModelPlan]
             plans.append(ModelPlan(model, None))  # type: ignore[arg-type]
         return plans
     try:
-        installed = load_model_set(settings.models.directory, device=settings.models.device)
+        installed = load_model_set(
+            settings.models.directory,
+            device=settings.models.device,
+            include_bundled=settings.models.include_bundled,
+        )
     except ModelSetError as exc:
         raise CliError(str(exc)) from exc
     served: dict[int, tuple[FractureClassifier | FractureDetector, set[AnatomicalGroup]]] = {}

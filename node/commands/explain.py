@@ -102,7 +102,11 @@ def _classifier(name: str, settings: Settings) -> FractureClassifier:
         groups = ", ".join(g.value for g in AnatomicalGroup)
         raise CliError(f"{name!r} is neither a package folder nor a group ({groups}) or limb region")
     try:
-        installed = load_model_set(settings.models.directory, device=settings.models.device)
+        installed = load_model_set(
+            settings.models.directory,
+            device=settings.models.device,
+            include_bundled=settings.models.include_bundled,
+        )
     except ModelSetError as exc:
         raise CliError(str(exc)) from exc
     models = installed.groups.get(group)
