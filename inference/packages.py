@@ -208,10 +208,11 @@ def next_version(version: str) -> str:
 
 def rewrite_card(package: ModelPackage, **changes: Any) -> ModelPackage:
     """A new version of the package's card with ``changes``: new version, device UID and date."""
+    version = str(changes.pop("version", next_version(package.card.version)))
     card = replace(
         package.card,
         **changes,
-        version=changes.get("version", next_version(package.card.version)),
+        version=version,
         device_uid=new_device_uid(),
         created=datetime.now(UTC).replace(microsecond=0).isoformat(),
     )

@@ -101,9 +101,10 @@ def package_classifier(
     fitted: ClassifierFit, out: Path, name: str, version: str = "1.0.0", notes: str = ""
 ) -> ModelPackage:
     job = fitted.job
-    regions = trained_regions(fitted.selection.train, job.group)
     if job.regions is not None:
-        regions = tuple(r for r in regions if r in job.regions)
+        regions = tuple(r for r in trained_regions(fitted.selection.train, None) if r in job.regions)
+    else:
+        regions = trained_regions(fitted.selection.train, job.group)
     labels = np.array([i.label for i in fitted.selection.valid], dtype=np.int64)
     scores = fitted.valid_logits.astype(np.float64)
     fields: dict[str, Any] = {"temperature": 1.0, "operating_points": (), "validation_metrics": {}}

@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def directories(settings: Settings) -> list[Path]:
-    out = [bundled_directory()]
+    """The bundled packages (unless ``[models] include_bundled`` is false), then the site's."""
+    out = [bundled_directory()] if settings.models.include_bundled else []
     if settings.models.directory is not None:
         out.append(settings.models.directory)
     return out

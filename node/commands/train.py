@@ -13,7 +13,6 @@ settings) raise :class:`node.cli.CliError` (exit 2).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -143,9 +142,16 @@ def _check(args: argparse.Namespace) -> tuple[str, Path]:
 
 
 def _report(package: ModelPackage) -> int:
+    from node.commands.models import headline
+
     card = package.card
     print(f"wrote {package.path} ({card.name} {card.version}, {card.kind}, {card.architecture})")
-    print(json.dumps(card.validation_metrics, indent=2, default=str)[:4000])
+    print(f"validation: {headline(card)}")
+    for point in card.operating_points:
+        print(
+            f"  {point.name}: threshold {point.threshold:.4f} sensitivity {point.sensitivity:.3f} "
+            f"specificity {point.specificity:.3f}"
+        )
     return 0
 
 
