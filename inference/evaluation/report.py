@@ -306,7 +306,7 @@ def matrix_markdown(matrix: Mapping[str, Any]) -> list[str]:
             s["relation"],
             str(s["cells"]),
             _num(s["mean_auroc"]),
-            f"{_num(s['min_auroc'])}-{_num(s['max_auroc'])}",
+            "n/a" if s["min_auroc"] is None else f"{_num(s['min_auroc'])}-{_num(s['max_auroc'])}",
             _num(s["mean_accuracy"]),
         ]
         for s in matrix["summary"]
