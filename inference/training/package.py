@@ -15,6 +15,7 @@ Errors::
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from collections.abc import Sequence
 from dataclasses import replace
@@ -47,9 +48,12 @@ from inference.training.region import RegionFit, region_metrics, region_summary
 log = logging.getLogger(__name__)
 
 
-def machine() -> str:
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return cuda or f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+def machine(threads: int | None = None) -> str:
+    """Where training ran: the GPU's name, else the CPU with its core count and torch threads."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    used = threads if threads is not None else torch.get_num_threads()
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {used} torch thread(s)"
 
 
 def calibration_fields(
@@ -127,7 +131,7 @@ def package_classifier(
             "best_epoch": fitted.result.best_epoch,
             "early_stopping_auroc": round(fitted.result.best_score, 4),
             "wall_seconds": round(fitted.result.seconds, 1),
-            "machine": machine() if fitted.result.device == "cpu" else fitted.result.device,
+            "machine": machine(job.loop.threads) if fitted.result.device == "cpu" else fitted.result.device,
             "loop": job.loop.as_dict(),
             "history": [{k: round(v, 4) for k, v in h.items()} for h in fitted.result.history],
         }
@@ -165,7 +169,9 @@ def package_region(
             "best_epoch": fitted.result.best_epoch,
             "early_stopping_balanced_accuracy": round(fitted.result.best_score, 4),
             "wall_seconds": round(fitted.result.seconds, 1),
-            "machine": machine() if fitted.result.device == "cpu" else fitted.result.device,
+            "machine": machine(fitted.job.loop.threads)
+            if fitted.result.device == "cpu"
+            else fitted.result.device,
             "loop": fitted.job.loop.as_dict(),
         }
     )
