@@ -107,8 +107,8 @@ def test_matrix_and_docs_from_results(
     out = tmp_path / "eval"
     docs = tmp_path / "evaluation.md"
     docs.write_text(
-        "# Evaluation\n\n<!-- BEGIN GENERATED: results -->\nstale numbers\n"
-        "<!-- END GENERATED: results -->\n\nafter\n"
+        "# Evaluation\n\nProse may quote `<!-- BEGIN GENERATED: results -->` inline.\n\n"
+        "<!-- BEGIN GENERATED: results -->\nstale numbers\n<!-- END GENERATED: results -->\n\nafter\n"
     )
     code = run(
         "evaluate", str(csv_source), "--matrix", "--model", str(packages["upper"].path),
@@ -129,6 +129,7 @@ def test_matrix_and_docs_from_results(
         assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG"
     text = docs.read_text()
     assert "stale numbers" not in text and text.endswith("after\n")
+    assert "Prose may quote `<!-- BEGIN GENERATED: results -->` inline.\n" in text
     assert "tiny-lower-middle" in text and "Cross-region transfer matrix" in text
 
     # Rendering again from the JSON alone gives the same report.

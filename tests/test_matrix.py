@@ -238,3 +238,46 @@ def test_unreadable_image_is_left_out_and_listed() -> None:
     result = run_models(images, plans, select_images(images, plans), progress=False)
     assert result.failures == (("hand-x", "cannot decode hand_x.png"),)
     assert result.runs[0].indices.tolist() == list(range(len(images) - 1))
+
+
+class BrightBoxDetector:
+    """A real (if simple) FractureDetector: one box around the bright pixels of each prepared image."""
+
+    def __init__(self) -> None:
+        self.card = ModelCard("bright-box", "1", "1.2.3", ModelKind.DETECTOR, "threshold", None, (), 64)
+
+    def detect(self, batch: np.ndarray) -> list[list[tuple[float, float, float, float, float]]]:
+        out = []
+        for image in batch:
+            rows, cols = np.nonzero(image > 0.5)
+            if rows.size == 0:
+                out.append([])
+                continue
+            out.append(
+                [(float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1), 0.9)]
+            )
+        return out
+
+
+def test_detector_boxes_map_back_to_normalised_source_coordinates() -> None:
+    from inference.evaluation.scoring import EvaluationConfig, evaluate_run
+    from inference.protocols import FractureDetector
+
+    # 100 rows x 50 columns: letterboxed into 64 x 64 with 16 columns of padding on the left.
+    source = np.zeros((100, 50), dtype=np.float32)
+    source[10:30, 5:20] = 1.0
+    truth = (5 / 50, 10 / 100, 20 / 50, 30 / 100)
+    image = EvalImage("a", 1, (Region.HAND,), "a", (truth,), lambda: source)
+    empty = EvalImage("b", 0, (Region.HAND,), "b", (), lambda: np.zeros((100, 50), dtype=np.float32))
+    detector = BrightBoxDetector()
+    assert isinstance(detector, FractureDetector)
+    plans = [ModelPlan(detector, None)]
+    run = run_models([image, empty], plans, [[0, 1]], progress=False).runs[0]
+    assert run.boxes is not None and run.boxes[1] == ()
+    (box,) = run.boxes[0]
+    # One prepared pixel is 100 / 64 source rows: the box comes back within that.
+    for got, want in zip((box.x0, box.y0, box.x1, box.y1), truth, strict=True):
+        assert got == pytest.approx(want, abs=1.6 / 64)
+    assert run.probabilities.tolist() == [0.9, 0.0]
+    found = evaluate_run([image, empty], run, EvaluationConfig(resamples=10)).rows[0].detection  # type: ignore[union-attr]
+    assert found.map50 == pytest.approx(1.0) and found.froc.recall_at[0] == (0.1, 1.0)

@@ -431,13 +431,17 @@ def docs_section(data: Mapping[str, Any]) -> str:
 
 
 def update_generated_section(path: Path, name: str, text: str) -> Path:
-    """Replace the text between ``<!-- BEGIN GENERATED: name -->`` and ``<!-- END GENERATED: name -->``."""
+    """Replace the text between the lines ``<!-- BEGIN GENERATED: name -->`` and
+    ``<!-- END GENERATED: name -->``."""
     begin, end = f"<!-- BEGIN GENERATED: {name} -->", f"<!-- END GENERATED: {name} -->"
     try:
         document = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ReportError(f"{path}: cannot read: {exc}") from exc
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    # The markers count only on lines of their own, so prose may quote them.
+    pattern = re.compile(
+        r"^" + re.escape(begin) + r"[ \t]*$.*?^" + re.escape(end) + r"[ \t]*$", re.DOTALL | re.MULTILINE
+    )
     if not pattern.search(document):
         raise ReportError(f"{path}: no section markers {begin!r} ... {end!r}")
     path.write_text(pattern.sub(lambda _: f"{begin}\n{text}{end}", document, count=1), encoding="utf-8")
