@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -322,10 +322,15 @@ def calibrate_package(
     cache_dir: Path | None,
     device: str = "cpu",
     seed: int = 0,
+    scope: Mapping[str, Any] | None = None,
 ) -> ModelPackage:
-    """Fit temperature and operating points of a verified package on ``images`` and write a new version."""
+    """Fit temperature and operating points of a verified package on ``images``; write a new version.
+
+    ``scope`` may give the card a new ``name``, ``group``, ``regions`` or ``notes`` first (an
+    all-region model chosen for one group); the calibration then uses that group's images.
+    """
     package = verify_package(package_path)
-    card = package.card
+    card = replace(package.card, **dict(scope or {}))
     if card.kind is ModelKind.REGION:
         raise CalibrationError("region models are calibrated when trained (softmax temperature)")
     chosen = calibration_images(images, card.regions, split)
@@ -351,4 +356,4 @@ def calibrate_package(
         fields["validation_metrics"]["per_group"] = per_group_auroc(chosen, scores)
     fields["validation_metrics"]["split"] = split
     fields["validation_metrics"]["calibrated_on"] = sorted({i.source for i in chosen})
-    return rewrite_card(package, **fields)
+    return rewrite_card(package, **dict(scope or {}), **fields)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from inference.datasets import DatasetError, load_sources
 from inference.packages import PackageError
+from inference.regions import AnatomicalGroup, Region
 from node.cli import CliError
 from node.settings import Settings
 
@@ -34,6 +35,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     parser.add_argument("--cache", type=Path, default=Path("var/cache"), metavar="DIR")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group", default=None, help="give the card this primary group first")
+    parser.add_argument("--regions", default=None, help="comma-separated regions the card answers for")
+    parser.add_argument("--name", default=None, help="rename the model in its card")
+    parser.add_argument("--notes", default=None, help="replace the card's notes")
     parser.set_defaults(handler=calibrate)
 
 
@@ -47,9 +52,21 @@ def calibrate(args: argparse.Namespace, settings: Settings) -> int:
         if not path.exists():
             raise CliError(f"--data {path} does not exist")
     split = None if args.split == "all" else args.split
+    scope: dict[str, object] = {}
+    try:
+        if args.group is not None:
+            scope["group"] = AnatomicalGroup(args.group)
+        if args.regions is not None:
+            scope["regions"] = tuple(Region(r.strip()) for r in args.regions.split(",") if r.strip())
+    except ValueError as exc:
+        raise CliError(f"--group/--regions: {exc}") from exc
+    if args.name is not None:
+        scope["name"] = args.name
+    if args.notes is not None:
+        scope["notes"] = args.notes
     try:
         images = load_sources(list(args.data))
-        package = calibrate_package(args.package, images, split, args.cache, args.device, args.seed)
+        package = calibrate_package(args.package, images, split, args.cache, args.device, args.seed, scope)
     except (DatasetError, PackageError, CalibrationError) as exc:
         raise CliError(str(exc)) from exc
     card = package.card
