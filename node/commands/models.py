@@ -90,7 +90,7 @@ def list_models(args: argparse.Namespace, settings: Settings) -> int:
         group = card.group or "-"
         regions = ",".join(card.regions)
         print(
-            f"{card.name:<28} {card.version:<8} {card.kind:<10} {card.architecture:<19} {group:<15} "
+            f"{card.name:<34} {card.version:<8} {card.kind:<10} {card.architecture:<19} {group:<15} "
             f"[{regions}] {headline(card)}"
         )
     return 0
