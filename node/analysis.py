@@ -44,6 +44,7 @@ class AnalysisConfig:
     batch_size: int = 8
     stretch: bool = True
     clahe: bool = False
+    gradcam: bool = False  # Grad-CAM overlays for the extra SC series (export.gradcam_sc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class Analysis:
     result: StudyResult
     sources: dict[str, Dataset]  # SOP Instance UID -> dataset (pixels not decoded again)
     frames: dict[FrameKey, NDArray[np.float32]] = field(default_factory=dict)
+    explanations: dict[FrameKey, NDArray[np.uint8]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +129,29 @@ def analyse_study(
         score=score,
     )
     frames_by_key = {(r.frame.sop_instance_uid, r.frame.frame): r.frame.pixels for r in routed}
-    return Analysis(result, sources, frames_by_key)
+    explanations = _explain(by_group, models, metrics) if config.gradcam else {}
+    return Analysis(result, sources, frames_by_key, explanations)
+
+
+def _explain(
+    by_group: dict[AnatomicalGroup, list[_Routed]], models: ModelSet, metrics: Metrics
+) -> dict[FrameKey, NDArray[np.uint8]]:
+    """Grad-CAM overlays of every image whose group has a classifier (torch loads only here)."""
+    from inference.evaluation.gradcam import explain_image
+
+    out: dict[FrameKey, NDArray[np.uint8]] = {}
+    with metrics.time_stage("report"):
+        for group, items in by_group.items():
+            classifier = models.groups[group].classifier
+            if classifier is None:
+                continue
+            for item in items:
+                key = (item.frame.sop_instance_uid, item.frame.frame)
+                try:
+                    out[key] = explain_image(classifier, item.frame.pixels).overlay
+                except (RuntimeError, ValueError) as exc:
+                    log.warning("no Grad-CAM map for one image of group %s: %s", group, exc)
+    return out
 
 
 def _prepare(items: Sequence[_Routed], card: ModelCard) -> list[PreparedImage]:

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 
 from inference.values import Priority, StudyResult
 from node.analysis import Analysis
+from node.results.gradcam import build_gradcam_scs
 from node.results.gsps import build_gsps
 from node.results.overlay import build_overlays
 from node.results.sr import build_sr
@@ -84,6 +85,12 @@ def build_objects(analysis: Analysis, config: OutputConfig) -> list[Dataset]:
             )
         if config.gsps:
             objects.extend(build_gsps(result, analysis.sources, software_version=config.software_version))
+        if analysis.explanations:
+            objects.extend(
+                build_gradcam_scs(
+                    result, analysis.sources, analysis.explanations, software_version=config.software_version
+                )
+            )
     return objects
 
 

@@ -86,6 +86,7 @@ def analysis_config(settings: Settings) -> AnalysisConfig:
         batch_size=settings.worker.batch_size,
         stretch=p.stretch,
         clahe=p.clahe,
+        gradcam=settings.export.gradcam_sc,
     )
 
 

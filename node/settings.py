@@ -145,6 +145,7 @@ class ExportSettings(_Section):
     sc_transfer_syntax: Literal["explicit", "jpeg-ls", "jpeg-baseline"] = "explicit"
     summary_sc: bool = False
     gsps: bool = False
+    gradcam_sc: bool = False  # an extra SC series with the classifiers' Grad-CAM maps
 
     _ae = field_validator("calling_ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 

@@ -155,3 +155,24 @@ def test_a_study_with_only_unroutable_images(node: InProcessNode, models_dir: Pa
     )
     # The PACS still gets an SR saying why nothing was analysed.
     assert [Path(i.payload_path).is_file() for i in detail.outbox] == [True]
+
+
+def test_gradcam_series_when_asked(node: InProcessNode, models_dir: Path, tmp_path: Path) -> None:
+    study_uid, datasets = _study()
+    _send(node, datasets)
+    repo.promote_quiet_studies(node.db, 0.0, datetime.now(UTC))
+    processor = _processor(node, models_dir, tmp_path)
+    processor.analysis = AnalysisConfig(batch_size=4, gradcam=True)
+    assert processor.run_once("w")
+    detail = repo.get_study(node.db, study_uid)
+    assert detail is not None
+    gradcams = []
+    for item in detail.outbox:
+        ds = pydicom.dcmread(item.payload_path)
+        if "Grad-CAM" in str(ds.get("SeriesDescription", "")):
+            assert_valid(Path(item.payload_path))
+            assert ds.PhotometricInterpretation == "RGB" and ds.StudyInstanceUID == study_uid
+            assert (ds.Rows, ds.Columns) == (200, 160)  # the source frame's size
+            gradcams.append(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+    wrist = {str(ds.SOPInstanceUID) for ds in datasets if ds.BodyPartExamined == "WRIST"}
+    assert set(gradcams) == wrist and len(gradcams) == 2

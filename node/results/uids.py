@@ -32,6 +32,8 @@ class Role(StrEnum):
     SUMMARY_INSTANCE = "summary-sc"
     GSPS_SERIES = "gsps-series"
     GSPS_INSTANCE = "gsps"
+    GRADCAM_SERIES = "gradcam-series"
+    GRADCAM_INSTANCE = "gradcam"
     TRACKING = "tracking"  # TID 4108 tracking identifiers of SR measurement groups
     OBSERVER = "observer"  # the fracnode device observer of TID 1004
 
