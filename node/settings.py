@@ -11,6 +11,7 @@ An invalid value raises :class:`SettingsError` naming the key; the CLI turns it 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -68,6 +69,16 @@ class DicomSettings(_Section):
     @classmethod
     def _aets(cls, values: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in values]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not an IP address or network (e.g. 10.1.2.0/24)") from exc
+        return values
 
 
 class SpoolSettings(_Section):

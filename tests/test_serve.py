@@ -208,6 +208,11 @@ def test_config_show_masks_secrets_and_invalid_values_exit_2(tmp_path: Path) -> 
     result = fracnode("config", "show", config=unknown)
     assert result.returncode == 2 and "dicom.portt" in result.stderr
 
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[dicom]\nallowed_hosts = ["pacs.example.org"]\n')
+    result = fracnode("config", "show", config=hosts)
+    assert result.returncode == 2 and "dicom.allowed_hosts" in result.stderr
+
     result = fracnode("config", "show", config=tmp_path / "missing.toml")
     assert result.returncode == 2 and "does not exist" in result.stderr
 
