@@ -129,43 +129,79 @@ def build_overlays(
             header=header_lines(group, image),
             footer=[SC_FOOTER],
         ).pixels
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
-            pixel_array=rgb,
-            photometric_interpretation=photometric,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_uid,
+        sc = derived_sc(
+            source,
+            image,
+            group,
+            rgb,
+            series_uid=series_uid,
             series_number=SC_SERIES_NUMBER,
-            sop_instance_uid=result_uid(
-                result.study_instance_uid, versions, result.revision, Role.SC_INSTANCE, index
-            ),
+            sop_uid=result_uid(result.study_instance_uid, versions, result.revision, Role.SC_INSTANCE, index),
             instance_number=index + 1,
-            manufacturer=MANUFACTURER,
-            patient_orientation=("L", "F"),  # replaced by the source's value below
-            laterality=laterality_of(source, image),
-            transfer_syntax_uid=syntax,
-            contributing_equipment=model_equipment(group.models),
             series_description=SERIES_DESCRIPTION,
-            specific_character_set=CHARACTER_SET,
-            manufacturer_model_name=MANUFACTURER,
-            software_versions=software_version,
+            derivation=(
+                f"Windowed source image with fracture AI annotations ({group.group}); not for diagnostic use"
+            ),
+            burned_in_annotation=True,
+            software_version=software_version,
+            photometric=photometric,
+            syntax=syntax,
         )
-        # Rows and columns keep the source's directions (bands are added above and below only).
-        sc.PatientOrientation = source.get("PatientOrientation", "")
-        sc.BurnedInAnnotation = "YES"
-        sc.DerivationDescription = (
-            f"Windowed source image with fracture AI annotations ({group.group}); not for diagnostic use"
-        )
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = source.SOPClassUID
-        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        numbers = frame_numbers(source, image.frame)
-        if numbers is not None:
-            reference.ReferencedFrameNumber = numbers
-        sc.SourceImageSequence = [reference]
         out.append(sc)
     return out
+
+
+def derived_sc(
+    source: Dataset,
+    image: ImageResult,
+    group: GroupResult,
+    rgb: NDArray[np.uint8],
+    *,
+    series_uid: str,
+    series_number: int,
+    sop_uid: str,
+    instance_number: int,
+    series_description: str,
+    derivation: str,
+    burned_in_annotation: bool,
+    software_version: str,
+    photometric: str = "RGB",
+    syntax: UID = ExplicitVRLittleEndian,
+) -> Dataset:
+    """An RGB Secondary Capture derived from one source frame: same patient and study, a new
+    series, the source referenced (with its frame), the group's models as contributing equipment."""
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=rgb,
+        photometric_interpretation=photometric,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("L", "F"),  # replaced by the source's value below
+        laterality=laterality_of(source, image),
+        transfer_syntax_uid=syntax,
+        contributing_equipment=model_equipment(group.models),
+        series_description=series_description,
+        specific_character_set=CHARACTER_SET,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=software_version,
+    )
+    # Rows and columns keep the source's directions (bands are added above and below only).
+    sc.PatientOrientation = source.get("PatientOrientation", "")
+    sc.BurnedInAnnotation = "YES" if burned_in_annotation else "NO"
+    sc.DerivationDescription = derivation
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    numbers = frame_numbers(source, image.frame)
+    if numbers is not None:
+        reference.ReferencedFrameNumber = numbers
+    sc.SourceImageSequence = [reference]
+    return sc
 
 
 def analysed_images(result: StudyResult) -> Iterator[tuple[GroupResult, ImageResult]]:
