@@ -44,7 +44,8 @@ def wrist_phantom(rows: int = 640, cols: int = 512, *, view: int = 0, seed: int 
     line = np.abs((y - rows * 0.55) - 0.25 * (x - (cx - cols * 0.11))) < 2.0
     image[line & (radius > 0.2)] *= 0.55
     image += rng.normal(0.0, 0.01, size=image.shape)
-    return np.round(np.clip(image, 0.0, 1.0) * 4095).astype(np.uint16)
+    scaled: NDArray[np.uint16] = np.round(np.clip(image, 0.0, 1.0) * 4095).astype(np.uint16)
+    return scaled
 
 
 def demo_study(directory: Path) -> tuple[str, list[Path]]:
