@@ -40,6 +40,8 @@ test-deps: apt-deps $(VENV)/.stamp-test
 
 test: test-deps
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check node inference storage tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: $(VENV)/.stamp-test

@@ -96,15 +96,13 @@ def main() -> int:
             node.db.dispose()
 
     print(f"machine: {platform.node()} {platform.machine()} python {platform.python_version()}")
-    print(
-        f"{args.images} DX images of {args.size}x{args.size} x 16 bit ({megabytes:.0f} MB), one association, PDU 1 MiB"
-    )
-    print(
-        f"bare pynetdicom SCP (stores nothing): {args.images / bare_s:7.1f} images/s {megabytes / bare_s:7.1f} MB/s"
-    )
-    print(
-        f"fracnode durable ingest (fsync+db):   {args.images / node_s:7.1f} images/s {megabytes / node_s:7.1f} MB/s"
-    )
+    size = f"{args.size}x{args.size}"
+    print(f"{args.images} DX images of {size} x 16 bit ({megabytes:.0f} MB), one association, PDU 1 MiB")
+    for label, seconds in (
+        ("bare pynetdicom SCP (stores nothing)", bare_s),
+        ("fracnode durable ingest (fsync+db)", node_s),
+    ):
+        print(f"{label:<37} {args.images / seconds:7.1f} images/s {megabytes / seconds:7.1f} MB/s")
     print(f"ratio fracnode / bare: {bare_s / node_s:.2f}")
     return 0
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from inference.priority import signal_decision
-from inference.routing import KeywordTable
 from inference.regions import Region
+from inference.routing import KeywordTable
 from inference.values import Priority, StudyResult
 from node.analysis import AnalysisConfig, analyse_study
 from node.hl7 import build_oru

@@ -19,16 +19,16 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -228,7 +228,7 @@ def encode(ds: Dataset, syntax: UID) -> Dataset:
     return out
 
 
-def _to_bytes(ds: Dataset) -> "object":
+def _to_bytes(ds: Dataset) -> object:
     from io import BytesIO
 
     buffer = BytesIO()

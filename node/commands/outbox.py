@@ -48,8 +48,8 @@ def list_items(args: argparse.Namespace, settings: Settings) -> int:
         status = "-" if item.last_status is None else f"0x{item.last_status:04X}"
         nxt = item.next_attempt_at.isoformat(timespec="seconds")[:19]
         print(
-            f"{item.id:>6}  {item.state:<9} {item.kind:<5} {item.destination:<16} {item.attempts:>5} {status:<7} "
-            f"{nxt:<19}  {item.study_uid} r{item.revision}"
+            f"{item.id:>6}  {item.state:<9} {item.kind:<5} {item.destination:<16} {item.attempts:>5} "
+            f"{status:<7} {nxt:<19}  {item.study_uid} r{item.revision}"
             f"{'  ' + item.last_error if item.last_error else ''}"
         )
     return 0
