@@ -9,6 +9,7 @@ meanwhile finishes as superseded; the new revision has its own job.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -158,9 +159,15 @@ class StudyProcessor:
             sending_app=self.config.hl7_sending_application,
             receiving_app=self.config.hl7_receiving_application,
             receiving_facility=self.config.hl7_receiving_facility,
-            control_id=f"{result.revision}-{abs(hash(result.study_instance_uid)) % 10**9}",
+            control_id=_control_id(result),
         )
         return str(message).encode("utf-8")
+
+
+def _control_id(result: StudyResult) -> str:
+    """MSH-10 (at most 20 characters), the same for the same study revision in every process."""
+    digest = hashlib.sha256(result.study_instance_uid.encode("ascii")).hexdigest()
+    return f"FN{int(digest[:15], 16) % 10**12:012d}R{result.revision}"[:20]
 
 
 def _reason_label(result: StudyResult) -> NotAnalysedReason:

@@ -176,3 +176,26 @@ def test_gradcam_series_when_asked(node: InProcessNode, models_dir: Path, tmp_pa
             gradcams.append(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
     wrist = {str(ds.SOPInstanceUID) for ds in datasets if ds.BodyPartExamined == "WRIST"}
     assert set(gradcams) == wrist and len(gradcams) == 2
+
+
+def test_an_hl7_result_is_queued_when_a_ris_is_configured(
+    node: InProcessNode, models_dir: Path, tmp_path: Path
+) -> None:
+    import hl7
+
+    study_uid, datasets = _study()
+    _send(node, datasets)
+    repo.promote_quiet_studies(node.db, 0.0, datetime.now(UTC))
+    processor = _processor(node, models_dir, tmp_path)
+    processor.outputs = OutputConfig(
+        directory=tmp_path / "results", software_version="test", destinations=(), hl7_destination="hl7"
+    )
+    assert processor.run_once("w")
+    detail = repo.get_study(node.db, study_uid)
+    assert detail is not None
+    (item,) = detail.outbox
+    assert (item.kind, item.destination) == ("hl7", "hl7")
+    message = hl7.parse(Path(item.payload_path).read_bytes().decode("utf-8"))
+    assert str(message.segment("MSH")(9)) == "ORU^R01^ORU_R01"
+    assert str(message.segment("OBR")(3)) == "ACC0001"  # the accession number of the source images
+    assert len(str(message.segment("MSH")(10))) <= 20
