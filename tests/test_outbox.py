@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 
@@ -60,10 +61,8 @@ def db(tmp_path: Path) -> Database:
     database.dispose()
 
 
-def _enqueue(db: Database, tmp_path: Path, destination: str = "pacs") -> str:
-    ds = make_dataset()
-    path = write(ds, tmp_path / "result.dcm")
-    now = datetime.now(UTC)
+def _record_source(db: Database, ds: Dataset) -> None:
+    """The study an outbox item belongs to, as the C-STORE handler would have recorded it."""
     repo.record_instance(
         db,
         InstanceRecord(
@@ -78,9 +77,15 @@ def _enqueue(db: Database, tmp_path: Path, destination: str = "pacs") -> str:
             modality="DX",
             body_part="WRIST",
             calling_ae="TEST",
-            received_at=now,
+            received_at=datetime.now(UTC),
         ),
     )
+
+
+def _enqueue(db: Database, tmp_path: Path, destination: str = "pacs") -> str:
+    ds = make_dataset()
+    path = write(ds, tmp_path / "result.dcm")
+    _record_source(db, ds)
     repo.enqueue_outbox(
         db,
         [
@@ -191,23 +196,7 @@ def test_hl7_result_goes_through_the_same_outbox(db: Database, tmp_path: Path) -
 
     result = urgent_study()
     ds = make_dataset(study_uid=result.study_instance_uid)
-    repo.record_instance(
-        db,
-        InstanceRecord(
-            study_uid=result.study_instance_uid,
-            series_uid=str(ds.SeriesInstanceUID),
-            sop_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(ExplicitVRLittleEndian),
-            path="x.dcm",
-            size_bytes=1,
-            sha256="0" * 64,
-            modality="DX",
-            body_part="WRIST",
-            calling_ae="TEST",
-            received_at=datetime.now(UTC),
-        ),
-    )
+    _record_source(db, ds)
     message = build_oru(
         result,
         accession_number="ACC1",
