@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -24,7 +23,7 @@ from node import __version__
 from node.analysis import AnalysisConfig
 from node.api import ApiServer
 from node.assembly import StudyAssembler
-from node.commands.studies import open_database
+from node.database import open_database
 from node.export import peer_for
 from node.ingest import StoreHandler
 from node.metrics import Metrics
@@ -36,7 +35,6 @@ from node.settings import Settings
 from node.spool import Spool, SpoolConfig
 from node.worker import StudyProcessor, WorkerConfig, WorkerPool, results_directory
 from storage import repo
-from storage.config import StorageConfig
 from storage.db import Database
 from storage.errors import StorageError
 
@@ -49,10 +47,6 @@ def _reachable(host: str, port: int, timeout: float = 2.0) -> bool | str:
             return True
     except OSError as exc:
         return f"unreachable: {exc.strerror or exc}"
-
-
-def storage_config(settings: Settings) -> StorageConfig:
-    return StorageConfig(url=settings.database.url, busy_timeout_s=settings.database.busy_timeout_s)
 
 
 def spool_config(settings: Settings) -> SpoolConfig:
@@ -136,7 +130,6 @@ class Node:
     workers: WorkerPool | None = field(init=False, default=None)
     outbox: OutboxRunner = field(init=False)
     api: ApiServer | None = field(init=False, default=None)
-    _extras: list[Any] = field(default_factory=list)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -257,8 +250,6 @@ class Node:
         self.outbox.stop()
         if self.api is not None:
             self.api.stop()
-        for extra in reversed(self._extras):
-            extra.stop()
         self.db.dispose()
         self._stopped.set()
 

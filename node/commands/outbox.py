@@ -6,7 +6,7 @@ import argparse
 from datetime import UTC, datetime
 
 from node.cli import CliError
-from node.commands.studies import open_database
+from node.database import open_database
 from node.settings import Settings
 from storage import repo
 from storage.views import OutboxState

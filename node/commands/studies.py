@@ -9,11 +9,10 @@ from datetime import datetime
 from typing import Any
 
 from node.cli import CliError
+from node.database import open_database
 from node.settings import Settings
 from node.uids import is_valid_uid
 from storage import repo
-from storage.config import StorageConfig
-from storage.db import Database
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,12 +26,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show = actions.add_parser("show", help="one study in detail")
     show.add_argument("uid", help="Study Instance UID")
     show.set_defaults(handler=show_study)
-
-
-def open_database(settings: Settings) -> Database:
-    db = Database(StorageConfig(url=settings.database.url, busy_timeout_s=settings.database.busy_timeout_s))
-    db.create_all()
-    return db
 
 
 def _plain(value: Any) -> Any:
