@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from inference.modelcard import ModelCard
 from inference.models.backbones import GreyNet
 from inference.models.classifier import check_batch
-from inference.models.torchio import load_greynet, select_device
+from inference.models.torchio import forward_batched, load_greynet, select_device
 from inference.packages import ModelPackage
 from inference.regions import Region
 
@@ -32,15 +32,7 @@ class TorchRegionClassifier:
 
     def logits(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         array = check_batch(batch, self.card.input_size)
-        out: list[NDArray[np.float32]] = []
-        with torch.inference_mode():
-            for start in range(0, len(array), self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(array[start : start + self.batch_size])).to(
-                    self.device
-                )
-                out.append(self.module(x).float().cpu().numpy())
-        width = len(self.card.regions)
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), dtype=np.float32)
+        return forward_batched(self.module, array, self.device, self.batch_size, len(self.card.regions))
 
     def probabilities(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """Calibrated probabilities of every region, shape (N, len(card.regions))."""

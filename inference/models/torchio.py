@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from inference.models import ModelLoadError
 from inference.models.backbones import BackboneError, GreyNet
@@ -52,3 +54,15 @@ def load_greynet(package: ModelPackage, outputs: int, device: torch.device) -> G
     except (RuntimeError, OSError, AttributeError) as exc:
         raise ModelLoadError(f"weights do not fit {package.card.architecture}: {exc}", package.path) from exc
     return module.to(device).eval()
+
+
+def forward_batched(
+    module: torch.nn.Module, array: NDArray[np.float32], device: torch.device, batch_size: int, outputs: int
+) -> NDArray[np.float32]:
+    """Logits of a prepared (N, S, S) array in chunks of ``batch_size``, shape (N, outputs)."""
+    out: list[NDArray[np.float32]] = []
+    with torch.inference_mode():
+        for start in range(0, len(array), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(array[start : start + batch_size])).to(device)
+            out.append(module(x).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, outputs), dtype=np.float32)
