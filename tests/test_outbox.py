@@ -52,6 +52,13 @@ class Destination:
     def stop(self) -> None:
         self.ae.shutdown()
 
+    def __enter__(self) -> Destination:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture
 def db(tmp_path: Path) -> Database:
@@ -134,12 +141,8 @@ def test_destination_down_then_up_is_delivered_once(db: Database, tmp_path: Path
     assert item.state == OutboxState.PENDING and item.attempts == 1 and item.last_error
     assert registry.get_sample_value("fracnode_export_retries_total", {"destination": "pacs"}) == 1
 
-    destination = Destination(port)
-    destination.start()
-    try:
+    with Destination(port) as destination:
         _drain(runner)
-    finally:
-        destination.stop()
     (item,) = repo.list_outbox(db)
     assert item.state == OutboxState.DELIVERED and item.last_status == 0
     assert destination.received == [sop_uid]
@@ -153,12 +156,8 @@ def test_refusing_destination_ends_in_dead_letter_and_can_be_retried(db: Databas
     registry = CollectorRegistry()
     runner = _runner(db, port, registry, attempts=3)
     _enqueue(db, tmp_path)
-    destination = Destination(port, status=0xA700)
-    destination.start()
-    try:
+    with Destination(port, status=0xA700) as destination:
         _drain(runner)
-    finally:
-        destination.stop()
     (item,) = repo.list_outbox(db)
     assert item.state == OutboxState.DEAD and item.attempts == 3 and item.last_status == 0xA700
     assert len(destination.received) == 3
@@ -180,12 +179,8 @@ def test_warning_status_counts_as_delivered(db: Database, tmp_path: Path) -> Non
     port = free_port()
     runner = _runner(db, port, CollectorRegistry())
     _enqueue(db, tmp_path)
-    destination = Destination(port, status=0xB000)
-    destination.start()
-    try:
+    with Destination(port, status=0xB000):
         _drain(runner)
-    finally:
-        destination.stop()
     (item,) = repo.list_outbox(db)
     assert item.state == OutboxState.DELIVERED and item.last_status == 0xB000
 
