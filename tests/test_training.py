@@ -320,3 +320,25 @@ def test_card_json_is_plain_data(tmp_path: Path, csv_data: Path) -> None:
     data = json.loads((tmp_path / "out" / "j" / "model.json").read_text())
     assert data["preprocessing"]["stretch"] is True and data["input_size"] == 32
     assert data["training_data"]["machine"] and data["training_data"]["wall_seconds"] >= 0
+
+
+def test_concurrent_trainings_share_one_cache(tmp_path: Path, csv_data: Path) -> None:
+    """Two trainings filling one cache at once each write under their own temporary name."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inference.datasets import load_csv
+    from inference.pixels import PreprocessConfig
+    from inference.training.cache import prepare_set
+
+    images = load_csv(csv_data)
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        sets = list(
+            pool.map(lambda _: prepare_set(images, 32, PreprocessConfig(), cache, progress=False), range(6))
+        )
+    stored = list(cache.rglob("*.npz"))
+    assert len(stored) == len(images)
+    assert not [path for path in stored if ".tmp" in path.name]
+    again = prepare_set(images, 32, PreprocessConfig(), cache, progress=False)
+    for prepared in sets:
+        assert np.array_equal(prepared.pixels, again.pixels)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,7 +120,18 @@ def prepare_set(
                 ],
                 dtype=np.float64,
             )
-            temporary = entry.with_suffix(".tmp.npz")
-            np.savez(temporary, pixels=array, transform=values)
-            temporary.replace(entry)
+            _store(entry, array, values)
     return PreparedSet(images=tuple(images), pixels=pixels, transforms=tuple(transforms))
+
+
+def _store(entry: Path, pixels: NDArray[np.uint8], transform: NDArray[np.float64]) -> None:
+    """Write one cache entry atomically under a temporary name of its own.
+
+    Two trainings (or threads) may fill one cache at the same time; each writes its own file and
+    the last rename wins, with identical content.
+    """
+    with tempfile.NamedTemporaryFile(
+        dir=entry.parent, prefix=f"{entry.stem}.", suffix=".tmp.npz", delete=False
+    ) as handle:
+        np.savez(handle, pixels=pixels, transform=transform)
+    Path(handle.name).replace(entry)
