@@ -3,6 +3,11 @@
 - Temperature scaling (Guo et al. 2017): one scalar ``T`` fitted by minimising the negative
   log-likelihood of ``sigmoid(logit / T)`` (or ``softmax(logits / T)``) on held-apart
   validation logits. ECE and Brier score are reported before and after.
+- For binary models, by default, a logit offset ``b`` is fitted with ``T``:
+  ``sigmoid(logit / T + b)`` (Platt scaling written as a temperature and a shift). A network
+  trained on balanced batches assumes a fracture prevalence of about one half; one temperature
+  cannot move its probabilities to the validation prevalence, the offset can. Both keep the
+  ranking, so AUROC and the operating points' sensitivity/specificity do not change.
 - Operating points: a high-sensitivity point (sensitivity >= 0.90), a high-specificity point
   (specificity >= 0.90) and Youden's J. They are chosen with nested selection: inside repeated
   stratified folds of the validation set each threshold is chosen on the other folds and
@@ -158,6 +163,12 @@ def brier_score(labels: ArrayLike, probabilities: ArrayLike) -> float:
     return float(np.mean((p - y) ** 2))
 
 
+def _binary_nll(z: FloatArray, y: NDArray[np.int64], log_t: float, offset: float) -> float:
+    scaled = z / math.exp(log_t) + offset
+    # -[y log s + (1-y) log(1-s)] with log s = -softplus(-x)
+    return float(np.mean(np.logaddexp(0.0, -scaled) * y + np.logaddexp(0.0, scaled) * (1 - y)))
+
+
 def fit_temperature(logits: ArrayLike, labels: ArrayLike) -> float:
     """The temperature ``T`` minimising the validation NLL.
 
@@ -173,9 +184,7 @@ def fit_temperature(logits: ArrayLike, labels: ArrayLike) -> float:
         _both_classes(y)
 
         def nll(log_t: float) -> float:
-            scaled = z / math.exp(log_t)
-            # -[y log s + (1-y) log(1-s)] with log s = -softplus(-x)
-            return float(np.mean(np.logaddexp(0.0, -scaled) * y + np.logaddexp(0.0, scaled) * (1 - y)))
+            return _binary_nll(z, y, log_t, 0.0)
 
     elif z.ndim == 2:
         if z.shape[0] != y.size:
@@ -194,6 +203,29 @@ def fit_temperature(logits: ArrayLike, labels: ArrayLike) -> float:
     return float(math.exp(float(result.x)))
 
 
+def fit_temperature_offset(logits: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
+    """``(T, b)`` minimising the validation NLL of ``sigmoid(logit / T + b)`` (binary only).
+
+    ``T`` stays within [0.05, 20] and ``b`` within [-10, 10].
+    """
+    z = np.asarray(logits, dtype=np.float64).ravel()
+    y, _ = _binary(labels, z)
+    _both_classes(y)
+    start = (math.log(fit_temperature(z, y)), 0.0)
+    result = optimize.minimize(
+        lambda v: _binary_nll(z, y, float(v[0]), float(v[1])),
+        np.array(start),
+        method="L-BFGS-B",
+        bounds=[(math.log(0.05), math.log(20.0)), (-10.0, 10.0)],
+    )
+    return float(math.exp(float(result.x[0]))), float(result.x[1])
+
+
+def apply_calibration(logits: ArrayLike, temperature: float, offset: float = 0.0) -> FloatArray:
+    """Calibrated probabilities ``sigmoid(logit / T + b)``."""
+    return sigmoid(np.asarray(logits, dtype=np.float64) / temperature + offset)
+
+
 @dataclass(frozen=True, slots=True)
 class CalibrationReport:
     temperature: float
@@ -202,10 +234,14 @@ class CalibrationReport:
     brier_before: float
     brier_after: float
     n: int
+    logit_offset: float = 0.0
+    method: str = "temperature"  # or "temperature+offset"
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | str]:
         return {
+            "method": self.method,
             "temperature": round(self.temperature, 6),
+            "logit_offset": round(self.logit_offset, 6),
             "ece_before": round(self.ece_before, 6),
             "ece_after": round(self.ece_after, 6),
             "brier_before": round(self.brier_before, 6),
@@ -214,14 +250,22 @@ class CalibrationReport:
         }
 
 
-def calibrate_temperature(logits: ArrayLike, labels: ArrayLike) -> CalibrationReport:
-    """Fit ``T`` on binary logits and report ECE and Brier before and after."""
+def calibrate_temperature(logits: ArrayLike, labels: ArrayLike, offset: bool = True) -> CalibrationReport:
+    """Fit ``T`` (and the offset ``b`` unless ``offset`` is false) on binary logits.
+
+    ECE and Brier are reported before (``sigmoid(logit)``) and after calibration.
+    """
     z = np.asarray(logits, dtype=np.float64).ravel()
     y, _ = _binary(labels, z)
-    temperature = fit_temperature(z, y)
-    before, after = sigmoid(z), sigmoid(z / temperature)
+    if offset:
+        temperature, shift = fit_temperature_offset(z, y)
+    else:
+        temperature, shift = fit_temperature(z, y), 0.0
+    before, after = sigmoid(z), apply_calibration(z, temperature, shift)
     return CalibrationReport(
         temperature=temperature,
+        logit_offset=shift,
+        method="temperature+offset" if offset else "temperature",
         ece_before=expected_calibration_error(y, before),
         ece_after=expected_calibration_error(y, after),
         brier_before=brier_score(y, before),

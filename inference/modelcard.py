@@ -49,6 +49,9 @@ class ModelCard:
     input_size: int
     preprocessing: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
+    # added after the temperature: p = sigmoid(logit / temperature + logit_offset). It corrects
+    # the prevalence a balanced training run assumes; 0 for temperature scaling alone.
+    logit_offset: float = 0.0
     operating_points: tuple[OperatingPoint, ...] = ()
     training_data: dict[str, Any] = field(default_factory=dict)
     validation_metrics: dict[str, Any] = field(default_factory=dict)

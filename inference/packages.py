@@ -123,6 +123,7 @@ def card_from_dict(data: Mapping[str, Any], path: Path | None = None) -> ModelCa
             input_size=int(data["input_size"]),
             preprocessing=dict(data.get("preprocessing", {})),
             temperature=float(data.get("temperature", 1.0)),
+            logit_offset=float(data.get("logit_offset", 0.0)),
             operating_points=points,
             training_data=dict(data.get("training_data", {})),
             validation_metrics=dict(data.get("validation_metrics", {})),

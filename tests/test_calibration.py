@@ -16,6 +16,7 @@ from inference.calibration import (
     calibrate_temperature,
     expected_calibration_error,
     fit_temperature,
+    fit_temperature_offset,
     operating_points,
     sensitivity_specificity,
     sigmoid,
@@ -57,6 +58,30 @@ def test_calibration_report_improves_an_overconfident_model() -> None:
     assert report.ece_after < report.ece_before
     assert report.brier_after < report.brier_before
     assert report.n == 20_000
+
+
+@pytest.mark.parametrize(("scale", "shift"), [(1.0, -1.5), (2.0, 0.0), (0.7, 1.0)])
+def test_temperature_and_offset_recover_a_known_scale_and_shift(scale: float, shift: float) -> None:
+    rng = np.random.default_rng(2)
+    z = rng.normal(0.0, 4.0, 40_000)
+    y = (rng.random(z.size) < sigmoid(z / scale + shift)).astype(np.int64)
+    temperature, offset = fit_temperature_offset(z, y)
+    assert temperature == pytest.approx(scale, rel=0.06)
+    assert offset == pytest.approx(shift, abs=0.08)
+
+
+def test_offset_undoes_the_prevalence_of_balanced_training() -> None:
+    """A model trained 1:1 whose data hold 15 % fractures: temperature alone cannot fix it."""
+    rng = np.random.default_rng(4)
+    y = (rng.random(20_000) < 0.15).astype(np.int64)
+    z = rng.normal(np.where(y == 1, 1.0, -1.0), 1.2)  # centred on 0: assumes prevalence 1/2
+    alone = calibrate_temperature(z, y, offset=False)
+    shifted = calibrate_temperature(z, y)
+    assert alone.logit_offset == 0.0 and alone.method == "temperature"
+    assert shifted.method == "temperature+offset" and shifted.logit_offset < -1.0
+    assert shifted.ece_after < 0.02 < alone.ece_after
+    assert shifted.brier_after < alone.brier_after
+    assert shifted.as_dict()["logit_offset"] == round(shifted.logit_offset, 6)
 
 
 def test_ece_and_brier_on_hand_computed_cases() -> None:
@@ -146,3 +171,12 @@ def test_one_class_is_refused() -> None:
         fit_temperature(np.array([0.1, math.nan]), np.array([0, 1]))
     with pytest.raises(CalibrationError, match="labels"):
         brier_score([0, 2], [0.1, 0.2])
+
+
+def test_detector_confidences_get_the_cards_temperature_and_offset() -> None:
+    from inference.models.detector import calibrate_confidence
+
+    confidence = np.array([0.1, 0.5, 0.9])
+    z = np.log(confidence / (1 - confidence))
+    assert np.allclose(calibrate_confidence(confidence, 2.0, -1.0), sigmoid(z / 2.0 - 1.0))
+    assert np.allclose(calibrate_confidence(confidence, 1.0), confidence)

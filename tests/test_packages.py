@@ -116,8 +116,12 @@ def test_missing_weight_and_broken_card(package_dir: Path) -> None:
 
 def test_a_new_version_gets_a_new_device_uid(package_dir: Path) -> None:
     first = verify_package(package_dir)
-    second = rewrite_card(first, temperature=2.0)
+    older = json.loads((package_dir / CARD_FILE).read_text())
+    del older["logit_offset"]  # cards written before the offset load as temperature scaling alone
+    assert card_from_dict(older).logit_offset == 0.0
+    second = rewrite_card(first, temperature=2.0, logit_offset=-1.25)
     assert second.card.version == "1.0.1" and second.card.temperature == 2.0
+    assert json.loads((package_dir / CARD_FILE).read_text())["logit_offset"] == -1.25
     assert second.card.device_uid != first.card.device_uid and UID.match(second.card.device_uid)
     assert verify_package(package_dir).card == second.card
     assert next_version("2.3") == "2.4" and next_version("beta") == "beta.1"

@@ -93,7 +93,8 @@ def test_classifier_smoke_per_backbone(tmp_path: Path, csv_data: Path, backbone:
     p = model.probabilities(batch)
     assert p.shape == (3,) and np.all((p >= 0) & (p <= 1))
     z = model.logits(batch)
-    assert np.allclose(p, 1 / (1 + np.exp(-z / card.temperature)), atol=1e-6)
+    assert card.validation_metrics["calibration"]["method"] == "temperature+offset"
+    assert np.allclose(p, 1 / (1 + np.exp(-(z / card.temperature + card.logit_offset))), atol=1e-6)
 
 
 def test_training_is_reproducible_and_resumes(tmp_path: Path, csv_data: Path) -> None:
@@ -168,6 +169,11 @@ def test_calibrate_writes_a_new_version(
     assert card.regions == (Region.HAND,)
     assert card.validation_metrics["n"] == 6
     assert main(["calibrate", str(tmp_path), "--data", str(csv_data)]) == 2
+    # temperature scaling alone, on request
+    only = ["calibrate", str(tmp_path / "out" / "c"), "--data", str(csv_data), "--temperature-only"]
+    assert main(only) == 0
+    card = verify_package(tmp_path / "out" / "c").card
+    assert card.logit_offset == 0.0 and card.validation_metrics["calibration"]["method"] == "temperature"
 
 
 def test_bad_input_exits_2(tmp_path: Path, csv_data: Path, capsys: pytest.CaptureFixture[str]) -> None:

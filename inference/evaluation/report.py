@@ -3,7 +3,7 @@
 The Markdown report and the documentation section are rendered from the JSON data only, so
 what a reader sees is what the JSON holds; :func:`update_generated_section` replaces a marked
 section of a Markdown file (``docs/evaluation.md``) with a rendering, so published results are
-generated, never typed. Figures (ROC, PR, reliability before/after temperature scaling, FROC)
+generated, never typed. Figures (ROC, PR, reliability before/after calibration, FROC)
 are drawn from the model runs with matplotlib's object API on an Agg canvas; no global backend
 is set and pyplot is never imported.
 
@@ -85,6 +85,7 @@ def card_summary(card: ModelCard) -> dict[str, Any]:
         "input_size": card.input_size,
         "preprocessing": dict(card.preprocessing),
         "temperature": card.temperature,
+        "logit_offset": card.logit_offset,
         "operating_points": [to_jsonable(p) for p in card.operating_points],
         "created": card.created,
     }
@@ -152,9 +153,10 @@ def _classifier_sections(model: Mapping[str, Any], figures: Sequence[str]) -> li
     if calibration:
         fitted = calibration.get("fitted_temperature")
         lines += [
-            f"Calibration on this data: ECE {_ci(calibration['ece_before'])} before temperature scaling, "
-            f"{_ci(calibration['ece_after'])} after (card temperature {_num(calibration['temperature'], 2)}; "
-            f"the temperature that fits this data: {_num(fitted, 2)}). Brier score "
+            f"Calibration on this data: ECE {_ci(calibration['ece_before'])} before calibration, "
+            f"{_ci(calibration['ece_after'])} after (card temperature {_num(calibration['temperature'], 2)}, "
+            f"logit offset {_num(calibration.get('logit_offset', 0.0), 2)}; "
+            f"the temperature alone that fits this data: {_num(fitted, 2)}). Brier score "
             f"{_ci(calibration['brier_before'])} before, {_ci(calibration['brier_after'])} after.",
             "",
         ]
@@ -538,7 +540,11 @@ def draw_model_figures(
         axes, counts = figure.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
         for name, scores, style in (
             ("before (sigmoid of logits)", before, "o--"),
-            (f"after (T = {run.card.temperature:.2f})", run.probabilities, "s-"),
+            (
+                f"after (T = {run.card.temperature:.2f}, b = {run.card.logit_offset:+.2f})",
+                run.probabilities,
+                "s-",
+            ),
         ):
             table_bins = reliability(labels, scores)
             centres = (table_bins.edges[:-1] + table_bins.edges[1:]) / 2
@@ -550,7 +556,7 @@ def draw_model_figures(
             ylabel="observed fracture frequency",
             xlim=(0, 1),
             ylim=(0, 1),
-            title=f"Reliability before / after temperature scaling:\n{run.card.name}",
+            title=f"Reliability before / after calibration:\n{run.card.name}",
         )
         axes.legend(fontsize=7, loc="upper left")
         counts.set(xlabel="predicted probability (10 bins)", ylabel="images")

@@ -256,7 +256,7 @@ def run_models(
 
 
 def uncalibrated(run: ModelRun) -> NDArray[np.float64] | None:
-    """A classifier's probabilities before temperature scaling: the sigmoid of its logits."""
+    """A classifier's probabilities before calibration: the sigmoid of its logits."""
     if run.logits is None:
         return None
     with np.errstate(over="ignore"):

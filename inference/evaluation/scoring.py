@@ -85,9 +85,10 @@ class DetectorRow:
 
 @dataclass(frozen=True, slots=True)
 class CalibrationCheck:
-    """Calibration on this data before (sigmoid of the logits) and after the card's temperature."""
+    """Calibration on this data before (sigmoid of the logits) and after the card's calibration."""
 
     temperature: float  # the card's
+    logit_offset: float  # the card's
     fitted_temperature: float | None  # the temperature that would fit this data best
     ece_before: Interval
     ece_after: Interval
@@ -246,7 +247,7 @@ def _detector_rows(images: Sequence[EvalImage], run: ModelRun, config: Evaluatio
 def calibration_check(
     images: Sequence[EvalImage], run: ModelRun, config: EvaluationConfig
 ) -> CalibrationCheck | None:
-    """ECE and Brier score of the model's probabilities before and after temperature scaling."""
+    """ECE and Brier score of the model's probabilities before and after the card's calibration."""
     before = uncalibrated(run)
     if before is None or run.logits is None or run.indices.size == 0:
         return None
@@ -261,6 +262,7 @@ def calibration_check(
         fitted = None
     return CalibrationCheck(
         temperature=float(run.card.temperature),
+        logit_offset=float(run.card.logit_offset),
         fitted_temperature=fitted,
         ece_before=raw["ece"],
         ece_after=scaled["ece"],

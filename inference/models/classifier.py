@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from inference.calibration import apply_calibration
 from inference.modelcard import ModelCard
 from inference.models.backbones import GreyNet
 from inference.models.torchio import forward_batched, load_greynet, select_device
@@ -44,5 +45,5 @@ class TorchClassifier:
         return forward_batched(self.module, array, self.device, self.batch_size, 1)[:, 0]
 
     def probabilities(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        z = self.logits(batch).astype(np.float64) / self.card.temperature
-        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        z = self.logits(batch)
+        return apply_calibration(z, self.card.temperature, self.card.logit_offset).astype(np.float32)

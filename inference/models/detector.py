@@ -1,7 +1,7 @@
 """The fracture detector runtime: an ultralytics YOLOv8 model behind :class:`FractureDetector`.
 
 Boxes come back in the prepared image's pixel coordinates with confidences calibrated by the
-card's temperature (``sigmoid(logit(conf) / T)``). Prepared grey pixels are fed as uint8
+card's temperature and logit offset (``sigmoid(logit(conf) / T + b)``). Prepared grey pixels are fed as uint8
 three-channel arrays: ultralytics accepts uint16 silently and then finds nothing
 (STACK-NOTES). An image's fracture probability, for a group served by the detector alone, is
 its highest calibrated box confidence (:meth:`YoloDetector.image_probabilities`).
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from inference.calibration import apply_calibration, logit
 from inference.modelcard import ModelCard
 from inference.models import ModelLoadError
 from inference.models.classifier import check_batch
@@ -29,10 +30,11 @@ DEFAULT_MIN_CONFIDENCE = 0.01
 WEIGHTS_FILE = "model.pt"
 
 
-def calibrate_confidence(confidence: NDArray[np.float64], temperature: float) -> NDArray[np.float64]:
-    q = np.clip(confidence, 1e-6, 1 - 1e-6)
-    z = (np.log(q) - np.log1p(-q)) / temperature
-    return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
+def calibrate_confidence(
+    confidence: NDArray[np.float64], temperature: float, offset: float = 0.0
+) -> NDArray[np.float64]:
+    """``sigmoid(logit(confidence) / T + b)``, the confidence clipped away from 0 and 1."""
+    return apply_calibration(logit(confidence), temperature, offset)
 
 
 def to_uint8_rgb(image: NDArray[np.float32]) -> NDArray[np.uint8]:
@@ -95,7 +97,9 @@ class YoloDetector:
             if not boxes:
                 out.append([])
                 continue
-            calibrated = calibrate_confidence(np.array([b[4] for b in boxes]), self.card.temperature)
+            calibrated = calibrate_confidence(
+                np.array([b[4] for b in boxes]), self.card.temperature, self.card.logit_offset
+            )
             out.append([(b[0], b[1], b[2], b[3], float(p)) for b, p in zip(boxes, calibrated, strict=True)])
         return out
 

@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 
 from inference.calibration import (
     CalibrationError,
+    apply_calibration,
     binary_metrics,
     calibrate_temperature,
     logit,
@@ -57,11 +58,11 @@ def machine(threads: int | None = None) -> str:
 
 
 def calibration_fields(
-    scores: NDArray[np.float64], labels: NDArray[np.int64], seed: int = 0
+    scores: NDArray[np.float64], labels: NDArray[np.int64], seed: int = 0, offset: bool = True
 ) -> dict[str, Any]:
-    """Temperature, operating points and metrics from uncalibrated logits of labelled images."""
-    report = calibrate_temperature(scores, labels)
-    probabilities = sigmoid(scores / report.temperature)
+    """Temperature (and logit offset), operating points and metrics from uncalibrated logits."""
+    report = calibrate_temperature(scores, labels, offset=offset)
+    probabilities = apply_calibration(scores, report.temperature, report.logit_offset)
     points = operating_points(labels, probabilities, seed=seed)
     metrics = binary_metrics(labels, probabilities)
     metrics["calibration"] = report.as_dict()
@@ -69,7 +70,12 @@ def calibration_fields(
         "thresholds on all validation images; sensitivity/specificity "
         "out-of-fold from 5x repeated stratified 5-fold selection, Wilson 95% CI"
     )
-    return {"temperature": report.temperature, "operating_points": points, "validation_metrics": metrics}
+    return {
+        "temperature": report.temperature,
+        "logit_offset": report.logit_offset,
+        "operating_points": points,
+        "validation_metrics": metrics,
+    }
 
 
 def calibration_images(
@@ -223,6 +229,7 @@ def detector_fields(
     truths: Sequence[Sequence[tuple[float, float, float, float]]],
     images: Sequence[LabelledImage],
     seed: int = 0,
+    offset: bool = True,
 ) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for overlap in (0.5, 0.25):
@@ -241,12 +248,12 @@ def detector_fields(
     labels = np.array([images[k].label for k in keep], dtype=np.int64)
     fields: dict[str, Any] = {"temperature": 1.0, "operating_points": ()}
     try:
-        fields = calibration_fields(logit(top), labels, seed)
+        fields = calibration_fields(logit(top), labels, seed, offset)
         image_level = fields["validation_metrics"]
     except CalibrationError as exc:
         image_level = {"note": str(exc)}
     metrics["image_level"] = image_level
-    metrics["image_probability"] = "highest box confidence, temperature-scaled on its logit"
+    metrics["image_probability"] = "highest box confidence, calibrated on its logit"
     fields["validation_metrics"] = metrics
     return fields
 
@@ -323,11 +330,13 @@ def calibrate_package(
     device: str = "cpu",
     seed: int = 0,
     scope: Mapping[str, Any] | None = None,
+    offset: bool = True,
 ) -> ModelPackage:
-    """Fit temperature and operating points of a verified package on ``images``; write a new version.
+    """Fit temperature, logit offset and operating points of a verified package on ``images``.
 
-    ``scope`` may give the card a new ``name``, ``group``, ``regions`` or ``notes`` first (an
-    all-region model chosen for one group); the calibration then uses that group's images.
+    Writes a new version. ``scope`` may give the card a new ``name``, ``group``, ``regions`` or
+    ``notes`` first (an all-region model chosen for one group); the calibration then uses that
+    group's images. ``offset=False`` fits the temperature alone (the offset becomes 0).
     """
     package = verify_package(package_path)
     card = replace(package.card, **dict(scope or {}))
@@ -338,7 +347,7 @@ def calibrate_package(
         raise CalibrationError(f"no labelled images of {', '.join(map(str, card.regions))} in the data")
     if card.kind is ModelKind.DETECTOR:
         detections, truths = detector_scores(package, chosen, cache_dir, device)
-        fields = detector_fields(detections, truths, chosen, seed)
+        fields = detector_fields(detections, truths, chosen, seed, offset)
     else:
         from inference.models.classifier import TorchClassifier
 
@@ -352,7 +361,7 @@ def calibrate_package(
             ]
         ).astype(np.float64)
         labels = np.array([i.label for i in chosen], dtype=np.int64)
-        fields = calibration_fields(scores, labels, seed)
+        fields = calibration_fields(scores, labels, seed, offset)
         fields["validation_metrics"]["per_group"] = per_group_auroc(chosen, scores)
     fields["validation_metrics"]["split"] = split
     fields["validation_metrics"]["calibrated_on"] = sorted({i.source for i in chosen})

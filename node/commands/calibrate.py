@@ -1,8 +1,9 @@
-"""``fracnode calibrate PACKAGE --data PATH``: refit temperature and operating points of a package.
+"""``fracnode calibrate PACKAGE --data PATH``: refit calibration and operating points of a package.
 
 The package is verified first; the data's labelled images of the card's regions (``--split``,
 default ``valid``; sources without confirmed negatives left out) give the scores; the card gets
-the temperature, the three operating points with their nested out-of-fold sensitivity and
+the temperature and logit offset (``--temperature-only``: temperature scaling alone, offset 0),
+the three operating points with their nested out-of-fold sensitivity and
 specificity, and the validation metrics, under a new version and device UID (IHE AIR), and the
 checksums are rewritten. Bad input raises :class:`node.cli.CliError` (exit 2).
 """
@@ -21,7 +22,7 @@ from node.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("calibrate", help="fit temperature and operating points of a model package")
+    parser = sub.add_parser("calibrate", help="fit calibration and operating points of a model package")
     parser.add_argument("package", type=Path, metavar="PACKAGE", help="model package directory")
     parser.add_argument(
         "--data",
@@ -39,6 +40,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--regions", default=None, help="comma-separated regions the card answers for")
     parser.add_argument("--name", default=None, help="rename the model in its card")
     parser.add_argument("--notes", default=None, help="replace the card's notes")
+    parser.add_argument(
+        "--temperature-only",
+        action="store_true",
+        help="fit the temperature alone (default: temperature and a logit offset)",
+    )
     parser.set_defaults(handler=calibrate)
 
 
@@ -66,11 +72,23 @@ def calibrate(args: argparse.Namespace, settings: Settings) -> int:
         scope["notes"] = args.notes
     try:
         images = load_sources(list(args.data))
-        package = calibrate_package(args.package, images, split, args.cache, args.device, args.seed, scope)
+        package = calibrate_package(
+            args.package,
+            images,
+            split,
+            args.cache,
+            args.device,
+            args.seed,
+            scope,
+            offset=not args.temperature_only,
+        )
     except (DatasetError, PackageError, CalibrationError) as exc:
         raise CliError(str(exc)) from exc
     card = package.card
-    print(f"calibrated {package.path}: {card.name} {card.version}, temperature {card.temperature:.4f}")
+    print(
+        f"calibrated {package.path}: {card.name} {card.version}, temperature {card.temperature:.4f}, "
+        f"logit offset {card.logit_offset:+.4f}"
+    )
     for point in card.operating_points:
         print(
             f"  {point.name}: threshold {point.threshold:.4f} sensitivity {point.sensitivity:.3f} "
