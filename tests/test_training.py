@@ -162,10 +162,10 @@ def test_calibrate_writes_a_new_version(
     assert after.validation_metrics["n"] == 12 and "calibration" in after.validation_metrics
     assert "temperature" in capsys.readouterr().out
     # an all-region model scoped to one group is calibrated on that group's images only
-    scoped = ["--group", "upper-distal", "--regions", "hand", "--name", "c-hand"]
+    scoped = ["--group", "upper-distal", "--regions", "hand", "--name", "c-hand", "--version", "2.0.0"]
     assert main(["calibrate", str(tmp_path / "out" / "c"), "--data", str(csv_data)] + scoped) == 0
     card = verify_package(tmp_path / "out" / "c").card
-    assert (card.name, card.group, card.version) == ("c-hand", "upper-distal", "1.0.2")
+    assert (card.name, card.group, card.version) == ("c-hand", "upper-distal", "2.0.0")
     assert card.regions == (Region.HAND,)
     assert card.validation_metrics["n"] == 6
     assert main(["calibrate", str(tmp_path), "--data", str(csv_data)]) == 2

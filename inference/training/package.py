@@ -334,9 +334,9 @@ def calibrate_package(
 ) -> ModelPackage:
     """Fit temperature, logit offset and operating points of a verified package on ``images``.
 
-    Writes a new version. ``scope`` may give the card a new ``name``, ``group``, ``regions`` or
-    ``notes`` first (an all-region model chosen for one group); the calibration then uses that
-    group's images. ``offset=False`` fits the temperature alone (the offset becomes 0).
+    Writes a new version. ``scope`` may give the card a new ``name``, ``group``, ``regions``,
+    ``notes`` or ``version`` first (an all-region model chosen for one group); the calibration
+    then uses that group's images. ``offset=False`` fits the temperature alone (offset 0).
     """
     package = verify_package(package_path)
     card = replace(package.card, **dict(scope or {}))

@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--regions", default=None, help="comma-separated regions the card answers for")
     parser.add_argument("--name", default=None, help="rename the model in its card")
     parser.add_argument("--notes", default=None, help="replace the card's notes")
+    parser.add_argument("--version", default=None, help="the new card's version (default: the next one)")
     parser.add_argument(
         "--temperature-only",
         action="store_true",
@@ -70,6 +71,10 @@ def calibrate(args: argparse.Namespace, settings: Settings) -> int:
         scope["name"] = args.name
     if args.notes is not None:
         scope["notes"] = args.notes
+    if args.version is not None:
+        if not args.version.strip():
+            raise CliError("--version must not be empty")
+        scope["version"] = args.version.strip()
     try:
         images = load_sources(list(args.data))
         package = calibrate_package(
