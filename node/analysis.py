@@ -228,6 +228,7 @@ def _predict(
                 boxes[index].append(Box(sx0, sy0, sx1, sy1, float(confidence)))
         if models.classifier is None:
             # Detector-only group: the image probability is its highest box confidence
-            # (the multi-site Faster R-CNN study), calibrated by the detector card's temperature and offset.
+            # (the multi-site Faster R-CNN study), calibrated by the detector card's temperature
+            # and offset.
             probabilities = [max((c for *_, c in image_boxes), default=0.0) for image_boxes in found]
     return probabilities, boxes

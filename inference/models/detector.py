@@ -1,8 +1,8 @@
 """The fracture detector runtime: an ultralytics YOLOv8 model behind :class:`FractureDetector`.
 
 Boxes come back in the prepared image's pixel coordinates with confidences calibrated by the
-card's temperature and logit offset (``sigmoid(logit(conf) / T + b)``). Prepared grey pixels are fed as uint8
-three-channel arrays: ultralytics accepts uint16 silently and then finds nothing
+card's temperature and logit offset (``sigmoid(logit(conf) / T + b)``). Prepared grey pixels are
+fed as uint8 three-channel arrays: ultralytics accepts uint16 silently and then finds nothing
 (STACK-NOTES). An image's fracture probability, for a group served by the detector alone, is
 its highest calibrated box confidence (:meth:`YoloDetector.image_probabilities`).
 

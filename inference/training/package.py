@@ -117,7 +117,12 @@ def package_classifier(
         regions = trained_regions(fitted.selection.train, job.group)
     labels = np.array([i.label for i in fitted.selection.valid], dtype=np.int64)
     scores = fitted.valid_logits.astype(np.float64)
-    fields: dict[str, Any] = {"temperature": 1.0, "operating_points": (), "validation_metrics": {}}
+    fields: dict[str, Any] = {
+        "temperature": 1.0,
+        "logit_offset": 0.0,
+        "operating_points": (),
+        "validation_metrics": {},
+    }
     try:
         fields = calibration_fields(scores, labels, job.loop.seed)
     except CalibrationError as exc:
@@ -246,7 +251,7 @@ def detector_fields(
     keep = [k for k in labelled if images[k].source in sources_with_negatives]
     top = np.array([max((d[4] for d in detections[k]), default=0.0) for k in keep], dtype=np.float64)
     labels = np.array([images[k].label for k in keep], dtype=np.int64)
-    fields: dict[str, Any] = {"temperature": 1.0, "operating_points": ()}
+    fields: dict[str, Any] = {"temperature": 1.0, "logit_offset": 0.0, "operating_points": ()}
     try:
         fields = calibration_fields(logit(top), labels, seed, offset)
         image_level = fields["validation_metrics"]
