@@ -18,6 +18,7 @@ from inference.datasets import DatasetError, load_sources
 from inference.packages import PackageError
 from inference.regions import AnatomicalGroup, Region
 from node.cli import CliError
+from node.commands.models import operating_point_lines
 from node.settings import Settings
 
 
@@ -94,11 +95,8 @@ def calibrate(args: argparse.Namespace, settings: Settings) -> int:
         f"calibrated {package.path}: {card.name} {card.version}, temperature {card.temperature:.4f}, "
         f"logit offset {card.logit_offset:+.4f}"
     )
-    for point in card.operating_points:
-        print(
-            f"  {point.name}: threshold {point.threshold:.4f} sensitivity {point.sensitivity:.3f} "
-            f"{list(point.sensitivity_ci)} specificity {point.specificity:.3f} {list(point.specificity_ci)}"
-        )
+    for line in operating_point_lines(card, intervals=True):
+        print(line)
     print(
         json.dumps(
             {k: v for k, v in card.validation_metrics.items() if k != "per_group"}, indent=2, default=str

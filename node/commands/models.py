@@ -80,6 +80,19 @@ def headline(card: ModelCard) -> str:
     return "no validation metrics"
 
 
+def operating_point_lines(card: ModelCard, intervals: bool = False) -> list[str]:
+    """One indented line per operating point; ``intervals`` adds the Wilson 95 % CIs."""
+    lines = []
+    for point in card.operating_points:
+        sensitivity = f"sensitivity {point.sensitivity:.3f}"
+        specificity = f"specificity {point.specificity:.3f}"
+        if intervals:
+            sensitivity += f" {list(point.sensitivity_ci)}"
+            specificity += f" {list(point.specificity_ci)}"
+        lines.append(f"  {point.name}: threshold {point.threshold:.4f} {sensitivity} {specificity}")
+    return lines
+
+
 def list_models(args: argparse.Namespace, settings: Settings) -> int:
     packages = all_packages(settings)
     if not packages:

@@ -142,16 +142,13 @@ def _check(args: argparse.Namespace) -> tuple[str, Path]:
 
 
 def _report(package: ModelPackage) -> int:
-    from node.commands.models import headline
+    from node.commands.models import headline, operating_point_lines
 
     card = package.card
     print(f"wrote {package.path} ({card.name} {card.version}, {card.kind}, {card.architecture})")
     print(f"validation: {headline(card)}")
-    for point in card.operating_points:
-        print(
-            f"  {point.name}: threshold {point.threshold:.4f} sensitivity {point.sensitivity:.3f} "
-            f"specificity {point.specificity:.3f}"
-        )
+    for line in operating_point_lines(card):
+        print(line)
     return 0
 
 
