@@ -43,8 +43,26 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
-def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Augment ``(N, 1, S, S)`` pixels in [0, 1]; the random draws come from ``generator`` (CPU)."""
+def augment(
+    batch: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator,
+    masks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Augment ``(N, 1, S, S)`` pixels in [0, 1]; the random draws come from ``generator`` (CPU).
+
+    With ``masks`` (``(N, 1, S, S)``, a fracture map per image), use :func:`augment_with_masks`.
+    """
+    return augment_with_masks(batch, config, generator, masks)[0]
+
+
+def augment_with_masks(
+    batch: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator,
+    masks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`augment`, and the same geometric warp applied to ``masks`` (no grey-level change)."""
     n = batch.shape[0]
     angle = _uniform(n, -config.rotation_deg, config.rotation_deg, generator) * (math.pi / 180.0)
     scale = _uniform(n, config.scale[0], config.scale[1], generator)
@@ -61,6 +79,11 @@ def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generat
     theta = theta.to(batch.device, batch.dtype)
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped_masks = None
+    if masks is not None:
+        warped_masks = F.grid_sample(
+            masks.to(batch.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
 
     def per_image(values: torch.Tensor) -> torch.Tensor:
         return values.to(batch.device, batch.dtype).view(n, 1, 1, 1)
@@ -71,4 +94,4 @@ def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generat
     out = out.clamp(0.0, 1.0).pow(gamma)
     mean = out.mean(dim=(2, 3), keepdim=True)
     out = (out - mean) * contrast + mean + brightness
-    return out.clamp(0.0, 1.0)
+    return out.clamp(0.0, 1.0), warped_masks
