@@ -9,10 +9,14 @@ Endpoints (OpenAPI at ``/openapi.json``, Swagger UI at ``/docs``):
 - ``GET /studies/{study_uid}``: state, routing and outcomes, outputs and their delivery,
   processing jobs and timings. 400 for a malformed UID (checked before any query), 404 when
   the node has never seen the study.
-- ``GET /healthz``: the process serves HTTP (liveness); always open.
-- ``GET /readyz``: database, spool, models, destinations (from the ``readiness`` callable):
-  200 when every check is ``True``, else 503 with the failing checks; always open, so that
-  probes need no secret (it tells nothing about studies).
+- ``GET /healthz``: liveness (from the ``liveness`` callable): 200 while every worker, sender
+  and assembler thread is alive and not stuck and the supervisor ticks, else 503; the
+  destinations' last TCP probe is shown as detail and never makes it red. Always open.
+- ``GET /readyz``: can the node receive and process: database, spool writable, workers alive,
+  models (from the ``readiness`` callable): 200 when every check is ``True``, else 503 with the
+  failing checks. Destinations are deliberately not in it (a PACS outage must not remove the
+  node from its Service). Always open, so that probes need no secret (it tells nothing about
+  studies).
 - ``GET /metrics``: Prometheus text format of the node's registry.
 
 With a token, every other path (``/metrics`` and the docs included) needs
@@ -85,6 +89,7 @@ def create_app(
     metrics: Metrics,
     readiness: Readiness,
     token: str | None,
+    liveness: Readiness | None = None,
 ) -> FastAPI:
     """The FastAPI application; :class:`ApiServer` serves it."""
     app = FastAPI(
@@ -116,13 +121,21 @@ def create_app(
             template = getattr(request.scope.get("route"), "path", None) or "other"
             metrics.http_requests.labels(route=template, code=code).inc()
 
-    @app.get("/healthz", summary="Liveness: the process serves HTTP")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    @app.get(
+        "/healthz",
+        summary="Liveness: every worker, sender and assembler thread alive and not stuck",
+        responses={503: {"description": "a thread is dead or stuck (the supervisor replaces it)"}},
+    )
+    def healthz() -> JSONResponse:
+        checks = dict(liveness()) if liveness is not None else {}
+        # destination:* entries are details (a PACS outage is not the node's ill health)
+        healthy = all(value is True for key, value in checks.items() if not key.startswith("destination:"))
+        body = {"status": "ok" if healthy else "unhealthy", "version": __version__, "checks": checks}
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get(
         "/readyz",
-        summary="Readiness: database, spool, models, destinations",
+        summary="Readiness to receive and process: database, spool, workers, models",
         responses={503: {"description": "at least one check failed"}},
     )
     def readyz() -> JSONResponse:
@@ -246,13 +259,14 @@ class ApiServer:
         metrics: Metrics,
         readiness: Readiness,
         token: str | None,
+        liveness: Readiness | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         tls_cert_file: Path | None = None,
         tls_key_file: Path | None = None,
         start_timeout_s: float = 10.0,
     ) -> None:
-        self.app = create_app(db=db, metrics=metrics, readiness=readiness, token=token)
+        self.app = create_app(db=db, metrics=metrics, readiness=readiness, token=token, liveness=liveness)
         self.host = host
         self._requested_port = port
         self._tls = (tls_cert_file, tls_key_file)

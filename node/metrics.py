@@ -122,6 +122,17 @@ class Metrics:
     - ``inference_batch_images`` histogram ``fracnode_inference_batch_images``.
     - ``study_latency`` histogram ``fracnode_study_latency_seconds``: from the study being
       ready to the last result acknowledged by the last destination.
+    - ``studies_failed`` counter ``fracnode_studies_failed_total``: studies given up after
+      ``worker.max_attempts`` failed attempts (state failed, NOT ANALYSED on the worklist).
+
+    Supervision (``node.supervision``):
+
+    - ``thread_restarts`` counter ``fracnode_thread_restarts_total{component}``: dead or stuck
+      worker, outbox or assembler threads replaced (``component`` worker, outbox, assembler).
+    - ``leases_reaped`` counter ``fracnode_leases_reaped_total{kind}``: expired leases of a dead
+      or hung holder (any process) put back in the queue, ``kind`` job or outbox.
+    - ``destination_up`` gauge ``fracnode_destination_reachable_ratio{destination}``: 1 when the
+      destination accepted a TCP connection at the last probe (every 15 s), else 0.
 
     Export (``node.outbox``; HL7 deliveries use the destination name ``hl7``):
 
@@ -205,6 +216,23 @@ class Metrics:
         )
         self.processing_failures = Counter(
             "fracnode_processing_failures", "Pipeline failures by stage", ["stage"], registry=r
+        )
+        self.studies_failed = Counter(
+            "fracnode_studies_failed", "Studies given up after their last processing attempt",
+            registry=r,
+        )
+        self.thread_restarts = Counter(
+            "fracnode_thread_restarts", "Dead or stuck threads replaced by the supervisor",
+            ["component"], registry=r,
+        )
+        self.leases_reaped = Counter(
+            "fracnode_leases_reaped", "Expired leases of dead or hung holders put back in the queue",
+            ["kind"], registry=r,
+        )
+        self.destination_up = Gauge(
+            "fracnode_destination_reachable_ratio",
+            "1 when the destination accepted a TCP connection at the last probe, else 0",
+            ["destination"], registry=r,
         )
         self.inference_batch_images = Histogram(
             "fracnode_inference_batch_images", "Images per inference batch",

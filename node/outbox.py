@@ -21,9 +21,9 @@ from pathlib import Path
 from node.export import ExportError, Peer, backoff_delay, send_files
 from node.hl7 import Hl7DeliveryError, send_mllp
 from node.metrics import Metrics
+from node.supervision import LeaseBook, LoopThread, Supervisor, describe_exception
 from storage import repo
 from storage.db import Database
-from storage.errors import StorageError
 from storage.views import OutboxKind, OutboxState, OutboxView
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class OutboxConfig:
     hl7_host: str | None = None
     hl7_port: int = 2575
     hl7_timeout_s: float = 10.0
-    lease_seconds: float = 300.0
+    lease_seconds: float = 30.0  # renewed by the supervisor while a delivery runs
 
 
 class OutboxRunner:
@@ -53,7 +53,11 @@ class OutboxRunner:
         poll_seconds: float = 1.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        leases: LeaseBook | None = None,
+        name: str = "outbox",
     ) -> None:
+        self.leases = leases if leases is not None else LeaseBook()
+        self.name = name
         self.db = db
         self.peers = dict(peers)
         self.config = config
@@ -63,7 +67,7 @@ class OutboxRunner:
         self.rng = rng or random.Random()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop: LoopThread | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -72,7 +76,17 @@ class OutboxRunner:
         item = repo.claim_outbox(self.db, self.clock(), worker_id, lease_seconds=self.config.lease_seconds)
         if item is None:
             return False
-        status, error = self._deliver(item)
+        self.leases.hold_item(item.id, worker_id)
+        try:
+            return self._attempt(item)
+        finally:
+            self.leases.release_item(item.id)
+
+    def _attempt(self, item: OutboxView) -> bool:
+        try:
+            status, error = self._deliver(item)
+        except Exception as exc:  # noqa: BLE001 - a delivery's boundary: record it, carry on
+            status, error = None, f"delivery failed with {describe_exception(exc)}"
         now = self.clock()
         if error is None:
             repo.outbox_delivered(self.db, item.id, status if status is not None else 0, now)
@@ -143,23 +157,26 @@ class OutboxRunner:
             return outcome.status, None
         return outcome.status, outcome.error or f"status 0x{(outcome.status or 0):04X}"
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self.run_once()
-            except StorageError as exc:
-                log.error("outbox: database unavailable, retrying: %s", exc)
-                busy = False
-            if not busy:
-                self._wake.wait(self.poll_seconds)
-                self._wake.clear()
+    def _make_loop(self, generation: int) -> LoopThread:
+        suffix = f"-r{generation}" if generation else ""
+        return LoopThread(
+            "outbox",
+            f"{self.name}{suffix}",
+            self.run_once,
+            idle_s=self.poll_seconds,
+            wake=self._wake,
+            stop=self._stop,
+        )
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
-        self._thread.start()
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        if supervisor is not None:
+            self._loop = supervisor.supervise("outbox", self._make_loop)
+        else:
+            self._loop = self._make_loop(0)
+            self._loop.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        if self._loop is not None:
+            self._loop.join(timeout=60)

@@ -33,6 +33,7 @@ from node.outputs import OutputConfig
 from node.scp import DicomServer, ScpConfig
 from node.settings import Settings
 from node.spool import Spool, SpoolConfig
+from node.supervision import LeaseBook, Supervisor, SupervisorConfig
 from node.worker import StudyProcessor, WorkerConfig, WorkerPool, results_directory
 from storage import repo
 from storage.db import Database
@@ -107,12 +108,15 @@ def outbox_config(settings: Settings) -> OutboxConfig:
         hl7_host=settings.hl7.host,
         hl7_port=settings.hl7.port,
         hl7_timeout_s=settings.hl7.timeout_s,
+        lease_seconds=e.lease_seconds,
     )
 
 
 def load_models(settings: Settings) -> ModelSet:
     m = settings.models
-    return load_model_set(m.directory, device=m.device, include_bundled=m.include_bundled)
+    return load_model_set(
+        m.directory, device=m.device, include_bundled=m.include_bundled, allow_unproven=m.allow_unproven
+    )
 
 
 @dataclass
@@ -129,6 +133,9 @@ class Node:
     models: ModelSet = field(init=False)
     workers: WorkerPool | None = field(init=False, default=None)
     outbox: OutboxRunner = field(init=False)
+    leases: LeaseBook = field(init=False)
+    supervisor: Supervisor = field(init=False)
+    destinations: dict[str, bool | str] = field(init=False, default_factory=dict)
     api: ApiServer | None = field(init=False, default=None)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -144,12 +151,26 @@ class Node:
         self.metrics.set_models(self.models.cards())
         if s.worker.threads > 0 and not self.models.available:
             log.warning("no fracture model is installed: every study will be reported as not analysed")
+        self.leases = LeaseBook()
+        self.supervisor = Supervisor(
+            self.db,
+            self.metrics,
+            self.leases,
+            SupervisorConfig(
+                stuck_after_s=s.worker.stuck_after_s,
+                job_lease_s=s.worker.lease_seconds,
+                outbox_lease_s=s.export.lease_seconds,
+            ),
+        )
         self.outbox = OutboxRunner(
             self.db,
             {d.name: peer_for(d) for d in s.export.destinations},
             outbox_config(s),
             self.metrics,
+            leases=self.leases,
+            name=f"outbox-{os.getpid()}",
         )
+        self.supervisor.every(15.0, "destination probe", self.probe_destinations)
         if s.worker.threads > 0:
             processor = StudyProcessor(
                 self.db,
@@ -161,11 +182,14 @@ class Node:
                 self.metrics,
                 WorkerConfig(
                     threads=s.worker.threads,
+                    lease_seconds=s.worker.lease_seconds,
+                    retry_delay_s=s.worker.retry_delay_s,
                     hl7_sending_application=s.hl7.sending_application,
                     hl7_receiving_application=s.hl7.receiving_application,
                     hl7_receiving_facility=s.hl7.receiving_facility,
                 ),
                 on_outbox=self.outbox.wake,
+                leases=self.leases,
             )
             self.workers = WorkerPool(
                 processor, s.worker.threads, idle_poll_s=1.0, name=f"worker-{os.getpid()}"
@@ -176,6 +200,7 @@ class Node:
             quiet_seconds=s.assembly.quiet_seconds,
             poll_seconds=s.assembly.poll_seconds,
             on_ready=self.workers.wake if self.workers is not None else (lambda: None),
+            max_attempts=s.worker.max_attempts,
         )
         if s.api.enabled:
             token = s.api.token.get_secret_value() if s.api.token is not None else None
@@ -183,6 +208,7 @@ class Node:
                 db=self.db,
                 metrics=self.metrics,
                 readiness=self.readiness,
+                liveness=self.liveness,
                 token=token,
                 host=s.api.host,
                 port=s.api.port,
@@ -191,19 +217,44 @@ class Node:
             )
 
     def readiness(self) -> dict[str, bool | str]:
-        """What /readyz reports: database, spool, models, destinations."""
+        """What /readyz reports: can this node receive and process? Database, spool, workers and
+        models. The destinations are not part of it: a PACS outage must not take the node out
+        of its own Service (the PACS could no longer send in); they are in /healthz details
+        and the ``fracnode_destination_up`` metric."""
         checks: dict[str, bool | str] = {}
         try:
             repo.queue_depth(self.db)
             checks["database"] = True
         except StorageError as exc:
-            checks["database"] = f"unavailable: {exc}"
-        checks["spool"] = True if not self.spool.below_watermark() else "below the free-space watermark"
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        checks["spool"] = self._spool_writable()
         if self.settings.worker.threads > 0:
+            checks["workers"] = True if self.supervisor.components_alive("worker") else "not alive"
             checks["models"] = True if self.models.available else "no fracture model installed"
-        for name, peer in self.outbox.peers.items():
-            checks[f"destination:{name}"] = _reachable(peer.host, peer.port)
         return checks
+
+    def _spool_writable(self) -> bool | str:
+        if self.spool.below_watermark():
+            return "below the free-space watermark"
+        try:
+            self.spool.probe_write()
+        except OSError as exc:
+            return f"not writable: {exc.strerror or type(exc).__name__}"
+        return True
+
+    def liveness(self) -> dict[str, bool | str]:
+        """What /healthz reports: every thread alive and not stuck (503 otherwise); the
+        destinations' last probe is shown as detail and does not make it red."""
+        checks = self.supervisor.liveness()
+        for name, state in self.destinations.items():
+            checks[f"destination:{name}"] = state
+        return checks
+
+    def probe_destinations(self) -> None:
+        for name, peer in self.outbox.peers.items():
+            state = _reachable(peer.host, peer.port)
+            self.destinations[name] = state
+            self.metrics.destination_up.labels(destination=name).set(1 if state is True else 0)
 
     def refresh_metrics(self) -> None:
         free, total = self.spool.disk_usage()
@@ -225,10 +276,11 @@ class Node:
         if resent:
             log.info("resumed %d interrupted deliveries", resent)
         self.server.start()
-        self.assembler.start()
+        self.assembler.start(self.supervisor)
         if self.workers is not None:
-            self.workers.start()
-        self.outbox.start()
+            self.workers.start(self.supervisor)
+        self.outbox.start(self.supervisor)
+        self.supervisor.start()
         if self.api is not None:
             self.api.start()
             log.info("HTTP API on http://%s:%d", self.settings.api.host, self.api.port)
@@ -243,6 +295,7 @@ class Node:
                 log.warning("metrics refresh failed: %s", exc)
 
     def stop(self) -> None:
+        self.supervisor.stop()
         self.server.stop()
         self.assembler.stop()
         if self.workers is not None:

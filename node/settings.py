@@ -126,12 +126,21 @@ class ModelSettings(_Section):
     # False: serve only the packages in `directory` (a site's own models).
     include_bundled: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # True: also serve fracture models whose validation AUROC interval contains 0.5 (chance).
+    allow_unproven: bool = False
 
 
 class WorkerSettings(_Section):
     threads: int = Field(1, ge=0, le=64)  # 0: do not process studies (ingest only)
     batch_size: int = Field(8, ge=1, le=256)
+    # Processing attempts of one study revision before it is given up (failed, NOT ANALYSED).
     max_attempts: int = Field(3, ge=1)
+    # A running job's lease, renewed every third of it while its worker lives; a job of a killed
+    # or hung process is taken again once it expires (and the reaper, every 10 s, sees it).
+    lease_seconds: float = Field(30.0, ge=3.0, le=3600.0)
+    retry_delay_s: float = Field(10.0, ge=0.0)  # before a failed attempt is tried again
+    # A worker busy on one study for longer is stuck: /healthz turns red and it is replaced.
+    stuck_after_s: float = Field(600.0, ge=10.0)
 
 
 class Destination(_Section):
@@ -151,6 +160,7 @@ class ExportSettings(_Section):
     destinations: list[Destination] = Field(default_factory=list)
     calling_ae_title: str = "FRACNODE"
     max_attempts: int = Field(8, ge=1)
+    lease_seconds: float = Field(30.0, ge=3.0, le=3600.0)  # of a delivery in progress, renewed
     base_delay_s: float = Field(2.0, ge=0.0)
     max_delay_s: float = Field(300.0, ge=0.0)
     sc_transfer_syntax: Literal["explicit", "jpeg-ls", "jpeg-baseline"] = "explicit"

@@ -105,6 +105,16 @@ class Spool:
     def read(self, relative_path: str) -> bytes:
         return (self.root / relative_path).read_bytes()
 
+    def probe_write(self) -> None:
+        """Create, write and remove a small file in the spool's temporary folder (readiness);
+        raises OSError when the spool cannot be written."""
+        fd, name = tempfile.mkstemp(dir=self._tmp, prefix=".probe-", suffix=".part")
+        try:
+            os.write(fd, b"fracnode")
+        finally:
+            os.close(fd)
+            Path(name).unlink(missing_ok=True)
+
     def clean_temporary(self) -> int:
         """Remove partial writes left by a crash; they were never acknowledged."""
         removed = 0

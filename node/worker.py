@@ -9,11 +9,11 @@ meanwhile finishes as superseded; the new revision has its own job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,12 +30,11 @@ from node.hl7 import build_oru
 from node.metrics import Metrics, NotAnalysedReason
 from node.modelset import ModelSet
 from node.outputs import OutputConfig, summary, write_result
-from node.results.common import ResultBuildError
 from node.spool import Spool
+from node.supervision import LeaseBook, LoopThread, Supervisor, describe_exception
 from storage import repo
 from storage.db import Database
-from storage.errors import StorageError
-from storage.views import JobView
+from storage.views import JobState, JobView
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     threads: int = 1
-    lease_seconds: float = 900.0
+    lease_seconds: float = 30.0  # renewed by the supervisor while the job runs
     retry_delay_s: float = 30.0
     idle_poll_s: float = 1.0
     hl7_sending_application: str = "FRACNODE"
@@ -66,7 +65,9 @@ class StudyProcessor:
         config: WorkerConfig,
         on_outbox: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        leases: LeaseBook | None = None,
     ) -> None:
+        self.leases = leases if leases is not None else LeaseBook()
         self.db = db
         self.spool = spool
         self.models = models
@@ -79,21 +80,42 @@ class StudyProcessor:
         self.clock = clock
 
     def run_once(self, worker_id: str) -> bool:
-        """Claim and process one job; False when the queue is empty."""
+        """Claim and process one job; False when the queue is empty.
+
+        The job's boundary: an exception of any type becomes a recorded failed attempt of this
+        job (its reason names the exception's type, never its text, which may quote a dataset
+        value); ``max_attempts`` (counted by the queue) decides when the study is given up as
+        failed, and the worker goes on with the next job either way.
+        """
         job = repo.claim_job(self.db, worker_id, self.clock(), self.config.lease_seconds)
         if job is None:
             return False
+        self.leases.hold_job(job.id, worker_id)
         try:
-            self.process(job)
-        except (ResultBuildError, OSError, ValueError, RuntimeError) as exc:
-            log.exception("study processing failed (job %d, revision %d)", job.id, job.revision)
-            self.metrics.processing_failures.labels(stage="report").inc()
-            repo.fail_job(
-                self.db, job.id, f"{type(exc).__name__}: {exc}"[:500], self.clock(), self.config.retry_delay_s
+            self.process(job, worker_id)
+        except Exception as exc:  # noqa: BLE001 - the job's boundary (see above)
+            reason = failure_reason(exc)
+            log.error(
+                "study processing failed (job %d, study %s, revision %d, attempt %d of %d): %s",
+                job.id,
+                job.study_uid,
+                job.revision,
+                job.attempts,
+                job.max_attempts,
+                reason,
             )
+            self.metrics.processing_failures.labels(stage="report").inc()
+            state = repo.fail_job(
+                self.db, job.id, reason, self.clock(), self.config.retry_delay_s, worker_id=worker_id
+            )
+            if state in (JobState.DEAD, JobState.FAILED):
+                self.metrics.studies_failed.inc()
+                log.error("study %s given up after %d attempts: %s", job.study_uid, job.attempts, reason)
+        finally:
+            self.leases.release_job(job.id)
         return True
 
-    def process(self, job: JobView) -> StudyResult:
+    def process(self, job: JobView, worker_id: str | None = None) -> StudyResult:
         instances = repo.study_instances(self.db, job.study_uid)
         files = [self.spool.path(i.path) for i in instances]
         analysis = analyse_study(
@@ -131,6 +153,7 @@ class StudyProcessor:
             outcome_json=json.dumps(record),
             groups=tuple(str(g.group) for g in result.groups),
             outbox=list(written.outbox),
+            worker_id=worker_id,
         )
         if not applied:
             log.info("result of revision %d superseded by newer instances", job.revision)
@@ -182,7 +205,8 @@ def _reason_label(result: StudyResult) -> NotAnalysedReason:
 
 
 class WorkerPool:
-    """``threads`` threads running :meth:`StudyProcessor.run_once`, woken when studies are ready."""
+    """``threads`` supervised loop threads running :meth:`StudyProcessor.run_once`, woken when
+    studies are ready; a dead or stuck thread is replaced by the :class:`Supervisor`."""
 
     def __init__(self, processor: StudyProcessor, threads: int, idle_poll_s: float, name: str) -> None:
         self.processor = processor
@@ -191,36 +215,48 @@ class WorkerPool:
         self.name = name
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._loops: list[LoopThread] = []
 
     def wake(self) -> None:
         self._wake.set()
 
-    def _run(self, worker_id: str) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self.processor.run_once(worker_id)
-            except StorageError as exc:
-                log.error("worker %s: database unavailable, retrying: %s", worker_id, exc)
-                busy = False
-                time.sleep(self.idle_poll_s)
-            if not busy:
-                self._wake.wait(self.idle_poll_s)
-                self._wake.clear()
+    def _slot(self, index: int, generation: int) -> LoopThread:
+        return self._loop(index, generation)
 
-    def start(self) -> None:
+    def _loop(self, index: int, generation: int) -> LoopThread:
+        suffix = f"-r{generation}" if generation else ""
+        return LoopThread(
+            "worker",
+            f"{self.name}-{index}{suffix}",
+            self.processor.run_once,
+            idle_s=self.idle_poll_s,
+            wake=self._wake,
+            stop=self._stop,
+        )
+
+    def start(self, supervisor: Supervisor | None = None) -> None:
         for index in range(self.threads):
-            thread = threading.Thread(
-                target=self._run, args=(f"{self.name}-{index}",), name=f"worker-{index}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+            if supervisor is not None:
+                slot = functools.partial(self._slot, index)
+                self._loops.append(supervisor.supervise(f"worker-{index}", slot))
+            else:
+                loop = self._loop(index, 0)
+                loop.start()
+                self._loops.append(loop)
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
+        for loop in self._loops:
+            loop.join(timeout=60)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What a failed attempt records: fracnode's own errors keep their (value-free) message,
+    any other exception only its type (library messages quote dataset values)."""
+    if type(exc).__module__.split(".")[0] in ("node", "inference", "storage"):
+        return f"{type(exc).__name__}: {exc}"[:500]
+    return describe_exception(exc)
 
 
 def results_directory(spool_directory: Path) -> Path:

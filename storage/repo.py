@@ -430,6 +430,31 @@ def renew_lease(db: Database, job_id: int, worker_id: str, now: datetime, lease_
         return bool(result.rowcount == 1)
 
 
+def renew_outbox_lease(
+    db: Database, item_id: int, worker_id: str, now: datetime, lease_seconds: float
+) -> bool:
+    """Extend a ``sending`` item's lease; False when the item is no longer this sender's."""
+    now = _aware(now, "now")
+    with db.session() as s:
+        result = s.exec(
+            sa.update(OutboxItem)
+            .where(
+                col(OutboxItem.id) == item_id,
+                col(OutboxItem.state) == OutboxState.SENDING,
+                col(OutboxItem.claimed_by) == worker_id,
+            )
+            .values(lease_until=now + timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount == 1)
+
+
+def reap_expired_leases(db: Database, now: datetime) -> tuple[int, int]:
+    """Jobs and deliveries whose lease expired (their process died or hung) go back to the
+    queue: ``(jobs resumed, deliveries resumed)``. Safe to run in every process at any time."""
+    return resume_interrupted(db, now), resume_outbox(db, now)
+
+
 @_retried
 def finish_job(
     db: Database,
@@ -442,8 +467,12 @@ def finish_job(
     groups: Collection[str] = (),
     outbox: Sequence[OutboxRecord] = (),
     now: datetime | None = None,
+    worker_id: str | None = None,
 ) -> bool:
     """Record a job's result; True when it was applied to the study.
+
+    With ``worker_id``, a job that another worker claimed meanwhile (this worker's lease expired
+    and the job was reaped and taken again) is left to that worker: False, nothing recorded.
 
     The job is ``done`` either way. The study is left alone (False) when its revision is no
     longer ``revision`` (late instances arrived: the result is superseded) or when the job had
@@ -459,6 +488,9 @@ def finish_job(
         if job is None:
             raise UnknownJob(job_id)
         if job.state not in (JobState.PENDING, JobState.RUNNING):
+            return False
+        if worker_id is not None and job.claimed_by != worker_id:
+            log.info("job %d: taken over by %s; this result is dropped", job_id, job.claimed_by)
             return False
         job.state = JobState.DONE
         job.finished_at = when
@@ -481,7 +513,12 @@ def finish_job(
 
 @_retried
 def fail_job(
-    db: Database, job_id: int, error: str, now: datetime, retry_delay_s: float | None
+    db: Database,
+    job_id: int,
+    error: str,
+    now: datetime,
+    retry_delay_s: float | None,
+    worker_id: str | None = None,
 ) -> JobState:
     """Record a failed attempt and return the job's new state.
 
@@ -497,6 +534,8 @@ def fail_job(
             raise UnknownJob(job_id)
         if job.state not in (JobState.PENDING, JobState.RUNNING):
             return job.state
+        if worker_id is not None and job.claimed_by != worker_id:
+            return job.state  # another worker holds it now
         study = s.get(Study, job.study_id, with_for_update=True)
         assert study is not None  # foreign key
         job.last_error = _clip(error)
@@ -516,8 +555,10 @@ def fail_job(
 
 
 def _study_failed(study: Study, error: str, now: datetime) -> None:
+    """Given up: the study stays on the worklist as NOT ANALYSED, with its reason."""
     study.state = StudyState.FAILED
     study.error = error
+    study.priority = "not_analysed"
     study.completed_at = now
 
 

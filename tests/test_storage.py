@@ -528,7 +528,7 @@ from storage import repo
 from storage.config import StorageConfig
 from storage.db import Database
 db = Database(StorageConfig(sys.argv[1]))
-job = repo.claim_job(db, "doomed", datetime.now(UTC), 3600)
+job = repo.claim_job(db, "doomed", datetime.now(UTC), 30)
 assert job is not None
 with db.session() as s:
     s.connection()  # holds SQLite's write lock / an open PostgreSQL transaction
@@ -553,9 +553,19 @@ def test_kill_9_while_processing_resumes(db: Database) -> None:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     assert study(db).study.state is StudyState.PROCESSING
-    assert repo.resume_interrupted(db, datetime.now(UTC), all_running=True) == 1
-    job = repo.claim_job(db, "survivor", datetime.now(UTC), 60)
+    # The production path: the dead process's 30 s lease is not renewed; before it expires the
+    # reaper of a live process leaves the job alone, once it has expired it takes it back.
+    assert repo.reap_expired_leases(db, datetime.now(UTC)) == (0, 0)
+    later = datetime.now(UTC) + timedelta(seconds=31)
+    assert repo.reap_expired_leases(db, later) == (1, 0)
+    assert study(db).study.state is StudyState.READY
+    job = repo.claim_job(db, "survivor", later, 60)
     assert job is not None and job.attempts == 2
+    # The dead worker's late result (were it still running) would be dropped: not its job now.
+    assert not repo.finish_job(
+        db, job.id, revision=job.revision, priority="routine", score=None, outcome_json="{}",
+        worker_id="doomed",
+    )
     assert repo.record_instance(db, rec("1.2")).outcome is RecordOutcome.NEW  # no lock left behind
 
 
