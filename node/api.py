@@ -2,10 +2,14 @@
 
 Endpoints (OpenAPI at ``/openapi.json``, Swagger UI at ``/docs``):
 
-- ``GET /worklist``: studies by priority (urgent, review, routine, not_analysed, then not yet
-  processed), score (highest first) and arrival; filters ``status`` (study states, repeated or
-  comma-separated), ``group`` (anatomical group), ``since``/``until`` (ISO 8601, first
-  arrival; a time without offset is UTC), ``limit`` (1-1000).
+- ``GET /worklist``: studies by priority (urgent, review, not_analysed, routine by default —
+  ``worklist.not_analysed`` — then not yet processed), score (highest first) and arrival;
+  filters ``status`` (study states, repeated or comma-separated), ``group`` (anatomical group),
+  ``since``/``until`` (ISO 8601, first arrival; a time without offset is UTC); paging ``limit``
+  (1-1000, default 200) and ``offset``. The answer says ``total``, ``more``, ``next_offset`` and
+  the count per priority (``by_priority``), so no study is silently cut off.
+- ``GET /studies``: every study, most recently received first; ``status``, ``limit``,
+  ``offset``; the same paging fields.
 - ``GET /studies/{study_uid}``: state, routing and outcomes, outputs and their delivery,
   processing jobs and timings. 400 for a malformed UID (checked before any query), 404 when
   the node has never seen the study.
@@ -40,7 +44,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -56,7 +60,7 @@ from node import __version__
 from node.metrics import Metrics
 from storage import repo
 from storage.db import Database
-from storage.views import OutboxState, StudyDetail, StudyState, StudyView
+from storage.views import WORKLIST_ORDER, OutboxState, StudyDetail, StudyState, StudyView
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ def create_app(
     readiness: Readiness,
     token: str | None,
     liveness: Readiness | None = None,
+    worklist_order: Sequence[str] = WORKLIST_ORDER,
 ) -> FastAPI:
     """The FastAPI application; :class:`ApiServer` serves it."""
     app = FastAPI(
@@ -161,20 +166,36 @@ def create_app(
         since: Annotated[datetime | None, Query(description="first arrival at or after (ISO 8601)")] = None,
         until: Annotated[datetime | None, Query(description="first arrival before (ISO 8601)")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 200,
+        offset: Annotated[int, Query(ge=0, description="rows to skip (paging)")] = 0,
     ) -> dict[str, Any]:
         states = _states(status)
         since_utc, until_utc = _utc(since), _utc(until)
         if since_utc is not None and until_utc is not None and since_utc >= until_utc:
             raise HTTPException(400, "since must be earlier than until")
-        views = repo.worklist(
-            db,
-            states=states,
-            group=str(group) if group is not None else None,
-            since=since_utc,
-            until=until_utc,
-            limit=limit,
+        filters: dict[str, Any] = dict(
+            states=states, group=str(group) if group is not None else None, since=since_utc, until=until_utc
         )
-        return {"count": len(views), "studies": [study_json(view) for view in views]}
+        views = repo.worklist(db, limit=limit, offset=offset, order=worklist_order, **filters)
+        counts = repo.count_worklist(db, **filters)
+        return {
+            **_page(len(views), counts["total"], offset),
+            "by_priority": {k: v for k, v in counts.items() if k != "total"},
+            "studies": [study_json(view) for view in views],
+        }
+
+    @app.get(
+        "/studies",
+        summary="Studies, most recently received first (paged)",
+        responses={422: {"description": "invalid filter"}},
+    )
+    def studies(
+        status: Annotated[StudyState | None, Query(description="one study state")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 200,
+        offset: Annotated[int, Query(ge=0, description="rows to skip (paging)")] = 0,
+    ) -> dict[str, Any]:
+        views = repo.list_studies(db, state=status, limit=limit, offset=offset)
+        total = repo.count_studies(db, state=status)
+        return {**_page(len(views), total, offset), "studies": [study_json(view) for view in views]}
 
     @app.get(
         "/studies/{study_uid}",
@@ -190,6 +211,18 @@ def create_app(
         return study_detail_json(detail)
 
     return app
+
+
+def _page(count: int, total: int, offset: int) -> dict[str, Any]:
+    """Paging fields of a list response: ``more`` says whether rows remain past this page."""
+    more = offset + count < total
+    return {
+        "count": count,
+        "total": total,
+        "offset": offset,
+        "more": more,
+        "next_offset": offset + count if more else None,
+    }
 
 
 def _authorised(request: Request, expected: bytes) -> bool:
@@ -260,13 +293,21 @@ class ApiServer:
         readiness: Readiness,
         token: str | None,
         liveness: Readiness | None = None,
+        worklist_order: Sequence[str] = WORKLIST_ORDER,
         host: str = "127.0.0.1",
         port: int = 0,
         tls_cert_file: Path | None = None,
         tls_key_file: Path | None = None,
         start_timeout_s: float = 10.0,
     ) -> None:
-        self.app = create_app(db=db, metrics=metrics, readiness=readiness, token=token, liveness=liveness)
+        self.app = create_app(
+            db=db,
+            metrics=metrics,
+            readiness=readiness,
+            token=token,
+            liveness=liveness,
+            worklist_order=worklist_order,
+        )
         self.host = host
         self._requested_port = port
         self._tls = (tls_cert_file, tls_key_file)

@@ -50,6 +50,7 @@ from storage.errors import TransientConflict, UnknownJob, UnknownOutboxItem, Unk
 from storage.tables import AuditEvent, Instance, InstanceChange, Job, OutboxItem, Series, Study
 from storage.views import (
     PRIORITY_RANK,
+    WORKLIST_ORDER,
     AuditKind,
     AuditRecord,
     AuditView,
@@ -636,14 +637,35 @@ def study_instances(db: Database, uid: str) -> list[InstanceView]:
         return [_instance_view(i, series, study_uid) for i, series, study_uid in s.exec(query).all()]
 
 
-def list_studies(db: Database, *, state: StudyState | None = None, limit: int = 100) -> list[StudyView]:
-    """Most recently received first."""
+def list_studies(
+    db: Database, *, state: StudyState | None = None, limit: int = 100, offset: int = 0
+) -> list[StudyView]:
+    """Most recently received first; ``offset``/``limit`` page through them (see
+    :func:`count_studies` for the total)."""
     query = select(Study)
     if state is not None:
         query = query.where(col(Study.state) == StudyState(state))
-    query = query.order_by(col(Study.last_received_at).desc(), col(Study.id).desc()).limit(limit)
+    query = (
+        query.order_by(col(Study.last_received_at).desc(), col(Study.id).desc())
+        .offset(_offset(offset))
+        .limit(limit)
+    )
     with db.session(read_only=True) as s:
         return [_study_view(study) for study in s.exec(query).all()]
+
+
+def count_studies(db: Database, *, state: StudyState | None = None) -> int:
+    query = select(sa.func.count()).select_from(Study)
+    if state is not None:
+        query = query.where(col(Study.state) == StudyState(state))
+    with db.session(read_only=True) as s:
+        return int(s.exec(query).one())
+
+
+def _offset(offset: int) -> int:
+    if offset < 0:
+        raise ValueError("offset must not be negative")
+    return offset
 
 
 def get_study(db: Database, uid: str) -> StudyDetail | None:
@@ -681,27 +703,13 @@ def get_study(db: Database, uid: str) -> StudyDetail | None:
         )
 
 
-def worklist(
-    db: Database,
-    *,
-    states: Collection[StudyState] | None = None,
-    group: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int = 200,
-) -> list[StudyView]:
-    """Studies for the reading list: by priority (urgent, review, routine, not_analysed, then
-    not yet processed), then score (highest first, none last), then first received.
-
-    ``group`` keeps studies whose result names that anatomical group; ``since`` (inclusive) and
-    ``until`` (exclusive) bound ``first_received_at``.
-    """
-    rank = sa.case(
-        {name: index for index, name in enumerate(PRIORITY_RANK)},
-        value=col(Study.priority),
-        else_=len(PRIORITY_RANK),
-    )
-    query = select(Study)
+def _worklist_filters(
+    query: Any,
+    states: Collection[StudyState] | None,
+    group: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> Any:
     if states is not None:
         query = query.where(col(Study.state).in_([StudyState(state) for state in states]))
     if group is not None:
@@ -710,11 +718,64 @@ def worklist(
         query = query.where(col(Study.first_received_at) >= _aware(since, "since"))
     if until is not None:
         query = query.where(col(Study.first_received_at) < _aware(until, "until"))
-    query = query.order_by(
-        rank, col(Study.score).desc().nulls_last(), col(Study.first_received_at), col(Study.id)
-    ).limit(limit)
+    return query
+
+
+def worklist(
+    db: Database,
+    *,
+    states: Collection[StudyState] | None = None,
+    group: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 200,
+    offset: int = 0,
+    order: Sequence[str] = WORKLIST_ORDER,
+) -> list[StudyView]:
+    """Studies for the reading list: by priority in ``order`` (by default urgent, review,
+    not_analysed, routine: a study the node could not read must not sink below the normal ones),
+    then studies not yet processed; within a priority by score (highest first, none last), then
+    first received. ``offset``/``limit`` page through it (:func:`count_worklist` gives the total).
+
+    ``group`` keeps studies whose result names that anatomical group; ``since`` (inclusive) and
+    ``until`` (exclusive) bound ``first_received_at``.
+    """
+    if sorted(order) != sorted(PRIORITY_RANK):
+        raise ValueError(f"the worklist order must name each of {PRIORITY_RANK} once")
+    rank = sa.case(
+        {name: index for index, name in enumerate(order)},
+        value=col(Study.priority),
+        else_=len(order),
+    )
+    query = _worklist_filters(select(Study), states, group, since, until)
+    query = (
+        query.order_by(
+            rank, col(Study.score).desc().nulls_last(), col(Study.first_received_at), col(Study.id)
+        )
+        .offset(_offset(offset))
+        .limit(limit)
+    )
     with db.session(read_only=True) as s:
         return [_study_view(study) for study in s.exec(query).all()]
+
+
+def count_worklist(
+    db: Database,
+    *,
+    states: Collection[StudyState] | None = None,
+    group: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> dict[str, int]:
+    """How many studies the worklist with these filters holds, per priority (``None`` priority,
+    not yet processed, under ``"pending"``) and in all (``"total"``)."""
+    query = _worklist_filters(
+        select(col(Study.priority), sa.func.count()).select_from(Study), states, group, since, until
+    ).group_by(col(Study.priority))
+    with db.session(read_only=True) as s:
+        counts = {str(priority or "pending"): int(n) for priority, n in s.exec(query).all()}
+    counts["total"] = sum(counts.values())
+    return counts
 
 
 @_retried
@@ -874,12 +935,24 @@ def resume_outbox(db: Database, now: datetime, *, all_sending: bool = False) -> 
         return int(result.rowcount)
 
 
-def list_outbox(db: Database, state: OutboxState | None = None, *, limit: int = 500) -> list[OutboxView]:
+def list_outbox(
+    db: Database, state: OutboxState | None = None, *, limit: int = 500, offset: int = 0
+) -> list[OutboxView]:
+    """Oldest first; ``offset``/``limit`` page through them (:func:`count_outbox`)."""
     query = select(OutboxItem)
     if state is not None:
         query = query.where(col(OutboxItem.state) == OutboxState(state))
+    query = query.order_by(col(OutboxItem.id)).offset(_offset(offset)).limit(limit)
     with db.session(read_only=True) as s:
-        return [_outbox_view(item) for item in s.exec(query.order_by(col(OutboxItem.id)).limit(limit)).all()]
+        return [_outbox_view(item) for item in s.exec(query).all()]
+
+
+def count_outbox(db: Database, state: OutboxState | None = None) -> int:
+    query = select(sa.func.count()).select_from(OutboxItem)
+    if state is not None:
+        query = query.where(col(OutboxItem.state) == OutboxState(state))
+    with db.session(read_only=True) as s:
+        return int(s.exec(query).one())
 
 
 def retry_outbox(db: Database, ids: Collection[int] | None = None, *, now: datetime | None = None) -> int:

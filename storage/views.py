@@ -60,6 +60,10 @@ class RecordOutcome(StrEnum):
 # Worklist priorities, most urgent first. The same strings as inference.values.PRIORITY_ORDER
 # (storage may not import inference; a test keeps the two equal).
 PRIORITY_RANK: tuple[str, ...] = ("urgent", "review", "routine", "not_analysed")
+# The worklist's default order: NOT ANALYSED above ROUTINE, so a study the node could not read
+# is never hidden below the normal ones (``worklist.not_analysed`` = "below_routine" restores
+# PRIORITY_RANK's order). Signalling ("never lower a priority") keeps PRIORITY_RANK.
+WORKLIST_ORDER: tuple[str, ...] = ("urgent", "review", "not_analysed", "routine")
 
 # PS3.7 C-STORE Priority (0000,0700): LOW 0x0002, MEDIUM 0x0000, HIGH 0x0001.
 DIMSE_PRIORITIES: frozenset[int] = frozenset({0, 1, 2})

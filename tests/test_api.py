@@ -46,7 +46,8 @@ PLAN = (
     Planned(f"{ROOT}.6", 5, None),  # still receiving
     Planned(f"{ROOT}.7", 6, "urgent", 0.81, ("upper-middle",)),
 )
-BY_PRIORITY = [f"{ROOT}.{n}" for n in (3, 2, 7, 4, 1, 5, 6)]
+# NOT ANALYSED (5) above ROUTINE (1) by default: a study the node could not read is never hidden.
+BY_PRIORITY = [f"{ROOT}.{n}" for n in (3, 2, 7, 4, 5, 1, 6)]
 
 
 def record(db: Database, n: int, plan: Planned) -> None:
@@ -198,6 +199,42 @@ def test_worklist_filters(open_api: Running) -> None:
         assert uids(client.get("/worklist", params={"limit": 2})) == BY_PRIORITY[:2]
 
 
+def test_worklist_pages_say_how_many_and_what_is_left(open_api: Running) -> None:
+    with open_api.client() as client:
+        first = client.get("/worklist", params={"limit": 3}).json()
+        assert (first["count"], first["total"], first["more"], first["next_offset"]) == (3, 7, True, 3)
+        expected = {"urgent": 3, "review": 1, "not_analysed": 1, "routine": 1, "pending": 1}
+        assert first["by_priority"] == expected
+        second = client.get("/worklist", params={"limit": 3, "offset": 3}).json()
+        last = client.get("/worklist", params={"limit": 3, "offset": 6}).json()
+        assert (last["count"], last["more"], last["next_offset"]) == (1, False, None)
+        paged = [s["uid"] for page in (first, second, last) for s in page["studies"]]
+        assert paged == BY_PRIORITY
+        studies = client.get("/studies", params={"limit": 5}).json()
+        assert (studies["count"], studies["total"], studies["more"]) == (5, 7, True)
+        assert studies["studies"][0]["uid"] == f"{ROOT}.7"  # most recently received first
+        assert client.get("/studies", params={"offset": -1}).status_code == 422
+
+
+def test_worklist_can_put_not_analysed_below_routine(database: Database) -> None:
+    from node.settings import WorklistSettings
+
+    server = ApiServer(
+        db=database,
+        metrics=Metrics(CollectorRegistry(), process=False),
+        readiness=dict,
+        token=None,
+        worklist_order=WorklistSettings(not_analysed="below_routine").order(),
+    )
+    server.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}") as client:
+            listed = [s["uid"] for s in client.get("/worklist").json()["studies"]]
+    finally:
+        server.stop()
+    assert listed == [f"{ROOT}.{n}" for n in (3, 2, 7, 4, 1, 5, 6)]
+
+
 @pytest.mark.parametrize(
     ("params", "status", "words"),
     [
@@ -342,9 +379,9 @@ def test_openapi_documents_the_endpoints(open_api: Running) -> None:
     with open_api.client() as client:
         paths = client.get("/openapi.json").json()["paths"]
         assert client.get("/docs").status_code == 200
-    assert {"/worklist", "/studies/{study_uid}", "/healthz", "/readyz", "/metrics"} <= set(paths)
+    assert {"/worklist", "/studies", "/studies/{study_uid}", "/healthz", "/readyz", "/metrics"} <= set(paths)
     names = {p["name"] for p in paths["/worklist"]["get"]["parameters"]}
-    assert names == {"status", "group", "since", "until", "limit"}
+    assert names == {"status", "group", "since", "until", "limit", "offset"}
 
 
 def test_fixed_port_and_busy_port(database: Database, port: int) -> None:

@@ -441,7 +441,18 @@ def test_worklist_order_and_filters(db: Database) -> None:
     repo.record_instance(db, rec("1.2.7.1.1", study="1.2.7", at=T0))  # still receiving
 
     order = [s.uid for s in repo.worklist(db)]
-    assert order == ["1.2.3", "1.2.2", "1.2.6", "1.2.4", "1.2.1", "1.2.5", "1.2.7"]
+    assert order == ["1.2.3", "1.2.2", "1.2.6", "1.2.4", "1.2.5", "1.2.1", "1.2.7"]  # NOT ANALYSED above
+    below = [s.uid for s in repo.worklist(db, order=PRIORITY_RANK)]
+    assert below == ["1.2.3", "1.2.2", "1.2.6", "1.2.4", "1.2.1", "1.2.5", "1.2.7"]
+    with pytest.raises(ValueError):
+        repo.worklist(db, order=("urgent", "review"))
+    paged = [s.uid for offset in (0, 3, 6) for s in repo.worklist(db, limit=3, offset=offset)]
+    assert paged == order
+    assert repo.count_worklist(db) == {
+        "urgent": 3, "review": 1, "not_analysed": 1, "routine": 1, "pending": 1, "total": 7
+    }
+    assert repo.count_worklist(db, group="upper-distal")["total"] == 3
+    assert repo.count_studies(db) == 7 and repo.count_studies(db, state=StudyState.RECEIVING) == 1
     assert [s.uid for s in repo.worklist(db, group="upper-distal")] == ["1.2.3", "1.2.4", "1.2.1"]
     assert [s.uid for s in repo.worklist(db, states=[StudyState.RECEIVING])] == ["1.2.7"]
     window = repo.worklist(db, since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3))

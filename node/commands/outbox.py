@@ -6,6 +6,7 @@ import argparse
 from datetime import UTC, datetime
 
 from node.cli import CliError
+from node.commands.studies import non_negative_int, page_note, positive_int
 from node.database import open_database
 from node.settings import Settings
 from storage import repo
@@ -17,7 +18,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="one line per item")
     listing.add_argument("--state", choices=[s.value for s in OutboxState], default=None)
-    listing.add_argument("--limit", type=int, default=500)
+    listing.add_argument("--limit", type=positive_int, default=500, help="at most this many (default 500)")
+    listing.add_argument("--offset", type=non_negative_int, default=0, help="skip this many first (paging)")
     listing.set_defaults(handler=list_items)
     retry = actions.add_parser("retry", help="send items again now (default: every dead letter)")
     retry.add_argument("ids", nargs="*", type=int, help="outbox item ids")
@@ -37,7 +39,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def list_items(args: argparse.Namespace, settings: Settings) -> int:
     db = open_database(settings)
     try:
-        items = repo.list_outbox(db, OutboxState(args.state) if args.state else None, limit=args.limit)
+        state = OutboxState(args.state) if args.state else None
+        items = repo.list_outbox(db, state, limit=args.limit, offset=args.offset)
+        total = repo.count_outbox(db, state)
     finally:
         db.dispose()
     print(
@@ -52,6 +56,7 @@ def list_items(args: argparse.Namespace, settings: Settings) -> int:
             f"{status:<7} {nxt:<19}  {item.study_uid} r{item.revision}"
             f"{'  ' + item.last_error if item.last_error else ''}"
         )
+    print(page_note(len(items), total, args.offset))
     return 0
 
 

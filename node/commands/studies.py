@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="one line per study: state, counts, timestamps")
     listing.add_argument("--state", default=None, help="only studies in this state")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=positive_int, default=100, help="at most this many (default 100)")
+    listing.add_argument("--offset", type=non_negative_int, default=0, help="skip this many first (paging)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=list_studies)
     show = actions.add_parser("show", help="one study in detail")
@@ -44,13 +46,16 @@ def list_studies(args: argparse.Namespace, settings: Settings) -> int:
     db = open_database(settings)
     try:
         try:
-            studies = repo.list_studies(db, state=args.state, limit=args.limit)
+            studies = repo.list_studies(db, state=args.state, limit=args.limit, offset=args.offset)
+            total = repo.count_studies(db, state=args.state)
         except ValueError as exc:
             raise CliError(str(exc)) from exc
     finally:
         db.dispose()
+    note = page_note(len(studies), total, args.offset)
     if args.json:
         print(json.dumps([_plain(s) for s in studies], indent=2))
+        print(note, file=sys.stderr)
         return 0
     header = (
         f"{'STUDY INSTANCE UID':<64}  {'STATE':<10} {'REV':>3} {'INST':>4}  {'LAST RECEIVED':<19}  PRIORITY"
@@ -62,7 +67,31 @@ def list_studies(args: argparse.Namespace, settings: Settings) -> int:
             f"{s.uid:<64}  {s.state:<10} {s.revision:>3} {s.instance_count:>4}  "
             f"{last:<19}  {s.priority or '-'}"
         )
+    print(note)
     return 0
+
+
+def page_note(count: int, total: int, offset: int) -> str:
+    """The line under a listing: which rows of how many, and how to see the rest."""
+    if count == 0:
+        return f"no rows at offset {offset} of {total}" if total else "nothing to list"
+    more = offset + count < total
+    tail = f"; more with --offset {offset + count}" if more else ""
+    return f"rows {offset + 1}-{offset + count} of {total}{tail}"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
 
 
 def show_study(args: argparse.Namespace, settings: Settings) -> int:
