@@ -30,8 +30,8 @@ from node.metrics import Metrics
 from node.modelset import ModelSet, load_model_set
 from node.outbox import OutboxConfig, OutboxRunner
 from node.outputs import OutputConfig
-from node.scp import DicomServer, ScpConfig
-from node.settings import Settings
+from node.scp import DicomServer, ScpConfig, TlsConfig
+from node.settings import DicomSettings, Settings
 from node.spool import Spool, SpoolConfig
 from node.supervision import LeaseBook, Supervisor, SupervisorConfig
 from node.worker import StudyProcessor, WorkerConfig, WorkerPool, results_directory
@@ -70,6 +70,16 @@ def scp_config(settings: Settings) -> ScpConfig:
         network_timeout_s=d.network_timeout_s,
         allowed_calling_aets=tuple(d.allowed_calling_aets),
         allowed_hosts=tuple(d.allowed_hosts),
+        max_pending_connections=d.max_pending_connections,
+        tls=_tls_config(d),
+    )
+
+
+def _tls_config(d: DicomSettings) -> TlsConfig | None:
+    if d.tls_cert_file is None or d.tls_key_file is None or not (d.tls_only or d.tls_port is not None):
+        return None
+    return TlsConfig(
+        cert_file=d.tls_cert_file, key_file=d.tls_key_file, ca_file=d.tls_ca_file, port=d.tls_port
     )
 
 

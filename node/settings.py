@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,13 +49,23 @@ class _Section(BaseModel):
 
 
 class DicomSettings(_Section):
-    """The C-STORE SCP (PS3.7, PS3.8) and its network security defaults."""
+    """The C-STORE SCP (PS3.7, PS3.8), its network security defaults and resource bounds.
+
+    ``acse_timeout_s`` bounds the TLS handshake plus the whole A-ASSOCIATE-RQ (the ARTIM timer);
+    ``network_timeout_s`` bounds an association's silence and the arrival of any one PDU.
+    DICOM TLS (PS3.15 B.1, TLS 1.2+): ``tls_port`` opens a second listener for it (2762 is the
+    registered port), ``tls_only`` makes the main port speak TLS instead; both need
+    ``tls_cert_file`` and ``tls_key_file``. ``tls_ca_file`` set: clients must present a
+    certificate signed by it.
+    """
 
     ae_title: str = "FRACNODE"
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=1, le=65535)
     max_pdu_bytes: int = Field(1_048_576, ge=4096, le=16_777_216)
     max_associations: int = Field(16, ge=1, le=1000)
+    # Connections without an association yet (handshake, request on its way); more are closed.
+    max_pending_connections: int = Field(32, ge=1, le=1000)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
@@ -62,6 +73,11 @@ class DicomSettings(_Section):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     # Empty list: any peer address. The default lets only this machine in.
     allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    tls_port: int | None = Field(None, ge=1, le=65535)
+    tls_only: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -79,6 +95,43 @@ class DicomSettings(_Section):
             except ValueError as exc:
                 raise ValueError(f"{value!r} is not an IP address or network (e.g. 10.1.2.0/24)") from exc
         return values
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"file {path} does not exist")
+        return path
+
+    @model_validator(mode="after")
+    def _tls(self) -> DicomSettings:
+        wanted = self.tls_port is not None or self.tls_only
+        files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if self.tls_only and self.tls_port is not None:
+            raise ValueError("dicom.tls_only puts TLS on dicom.port: leave dicom.tls_port unset")
+        if self.tls_port is not None and self.tls_port == self.port:
+            raise ValueError("dicom.tls_port must differ from dicom.port (dicom.tls_only: TLS on dicom.port)")
+        if wanted and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError("DICOM TLS needs dicom.tls_cert_file and dicom.tls_key_file")
+        if not wanted and any(f is not None for f in files):
+            raise ValueError("dicom.tls_*_file are set but neither dicom.tls_port nor dicom.tls_only")
+        if wanted:
+            _check_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        return self
+
+
+def _check_tls_files(cert: Path | None, key: Path | None, ca: Path | None) -> None:
+    """Load the files the way the server will, so a bad PEM fails at start-up, not at accept."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"dicom.tls_cert_file {cert} with dicom.tls_key_file {key}: {exc}") from exc
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"dicom.tls_ca_file {ca}: {exc}") from exc
 
 
 class SpoolSettings(_Section):
