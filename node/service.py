@@ -219,6 +219,7 @@ class Node:
                 metrics=self.metrics,
                 readiness=self.readiness,
                 liveness=self.liveness,
+                worklist_order=s.worklist.order(),
                 token=token,
                 host=s.api.host,
                 port=s.api.port,

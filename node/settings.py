@@ -266,6 +266,19 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class WorklistSettings(_Section):
+    """How the worklist (``GET /worklist``) orders studies."""
+
+    # "above_routine": NOT ANALYSED studies (the node could not read them) come right after
+    # REVIEW, never hidden below the normal ones; "below_routine": after ROUTINE.
+    not_analysed: Literal["above_routine", "below_routine"] = "above_routine"
+
+    def order(self) -> tuple[str, ...]:
+        if self.not_analysed == "above_routine":
+            return ("urgent", "review", "not_analysed", "routine")
+        return ("urgent", "review", "routine", "not_analysed")
+
+
 class SettingsError(ValueError):
     """A configuration value is invalid; ``key`` names it as it is written in fracnode.toml."""
 
@@ -291,6 +304,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     export: ExportSettings = ExportSettings()
+    worklist: WorklistSettings = WorklistSettings()
     api: ApiSettings = ApiSettings()
     hl7: Hl7Settings = Hl7Settings()
     logging: LoggingSettings = LoggingSettings()
