@@ -1,9 +1,10 @@
 """Model packages: a directory holding the weight files and ``model.json``, the model card.
 
 ``model.json`` is the :class:`~inference.modelcard.ModelCard` as JSON, with the sha256 of every
-weight file. The node verifies the checksums before it loads a package and refuses one that
-fails. Every written version gets a new device UID (``2.25.`` + the integer of a UUID4,
-PS3.5 B.2), as IHE AI Results asks.
+weight file; a fracture-map model's card adds a ``segmenter`` object (its
+:class:`~inference.modelcard.SegmenterSpec`), absent from every other card. The node verifies
+the checksums before it loads a package and refuses one that fails. Every written version gets
+a new device UID (``2.25.`` + the integer of a UUID4, PS3.5 B.2), as IHE AI Results asks.
 
 Errors::
 
@@ -17,13 +18,21 @@ import hashlib
 import json
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from inference.modelcard import ModelCard, ModelKind, OperatingPoint
+from inference.modelcard import (
+    SEGMENTER_SCORES,
+    BoxOperatingPoint,
+    ModelCard,
+    ModelKind,
+    OperatingPoint,
+    SegmenterSpec,
+    Stack,
+)
 from inference.regions import AnatomicalGroup, Region
 
 CARD_FILE = "model.json"
@@ -73,26 +82,125 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _points_to_list(points: Sequence[OperatingPoint]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": p.name,
+            "threshold": p.threshold,
+            "sensitivity": p.sensitivity,
+            "specificity": p.specificity,
+            "sensitivity_ci": list(p.sensitivity_ci),
+            "specificity_ci": list(p.specificity_ci),
+        }
+        for p in points
+    ]
+
+
+def _points_from_list(items: Sequence[Mapping[str, Any]]) -> tuple[OperatingPoint, ...]:
+    return tuple(
+        OperatingPoint(
+            name=str(p["name"]),
+            threshold=float(p["threshold"]),
+            sensitivity=float(p["sensitivity"]),
+            specificity=float(p["specificity"]),
+            sensitivity_ci=(float(p["sensitivity_ci"][0]), float(p["sensitivity_ci"][1])),
+            specificity_ci=(float(p["specificity_ci"][0]), float(p["specificity_ci"][1])),
+        )
+        for p in items
+    )
+
+
+def segmenter_to_dict(spec: SegmenterSpec) -> dict[str, Any]:
+    stack = spec.stack
+    return {
+        "score": spec.score,
+        "flip": spec.flip,
+        "map_temperature": spec.map_temperature,
+        "map_logit_offset": spec.map_logit_offset,
+        "box_operating_points": [
+            {
+                "name": b.name,
+                "threshold": b.threshold,
+                "recall": b.recall,
+                "false_positives_per_image": b.false_positives_per_image,
+                "iou": b.iou,
+                "recall_ci": list(b.recall_ci),
+            }
+            for b in spec.box_operating_points
+        ],
+        "serves_probability": spec.serves_probability,
+        "stack": None
+        if stack is None
+        else {
+            "classifier": stack.classifier,
+            "weights": list(stack.weights),
+            "bias": stack.bias,
+            "operating_points": _points_to_list(stack.operating_points),
+            "validation_metrics": stack.validation_metrics,
+            "notes": stack.notes,
+        },
+    }
+
+
+def segmenter_from_dict(data: Mapping[str, Any]) -> SegmenterSpec:
+    """Parse a card's ``segmenter`` object (KeyError, TypeError or ValueError when invalid)."""
+    score = str(data.get("score", "max"))
+    if score not in SEGMENTER_SCORES:
+        raise ValueError(f"segmenter score {score!r} is not one of {', '.join(SEGMENTER_SCORES)}")
+    map_temperature = float(data.get("map_temperature", 1.0))
+    if not map_temperature > 0.0:
+        raise ValueError(f"segmenter map_temperature {map_temperature} must be positive")
+    raw_stack = data.get("stack")
+    stack = None
+    if raw_stack is not None:
+        weights = [float(w) for w in raw_stack["weights"]]
+        if len(weights) != 2:
+            raise ValueError(f"a stack has two weights (classifier, map), got {len(weights)}")
+        stack = Stack(
+            classifier=str(raw_stack["classifier"]),
+            weights=(weights[0], weights[1]),
+            bias=float(raw_stack["bias"]),
+            operating_points=_points_from_list(raw_stack.get("operating_points", [])),
+            validation_metrics=dict(raw_stack.get("validation_metrics", {})),
+            notes=str(raw_stack.get("notes", "")),
+        )
+    return SegmenterSpec(
+        score=score,
+        flip=bool(data.get("flip", False)),
+        map_temperature=map_temperature,
+        map_logit_offset=float(data.get("map_logit_offset", 0.0)),
+        box_operating_points=tuple(
+            BoxOperatingPoint(
+                name=str(b["name"]),
+                threshold=float(b["threshold"]),
+                recall=float(b["recall"]),
+                false_positives_per_image=float(b["false_positives_per_image"]),
+                iou=float(b.get("iou", 0.3)),
+                recall_ci=(float(b["recall_ci"][0]), float(b["recall_ci"][1]))
+                if "recall_ci" in b
+                else (0.0, 1.0),
+            )
+            for b in data.get("box_operating_points", [])
+        ),
+        serves_probability=bool(data.get("serves_probability", True)),
+        stack=stack,
+    )
+
+
 def card_to_dict(card: ModelCard) -> dict[str, Any]:
     data: dict[str, Any] = {"format_version": FORMAT_VERSION}
     for f in fields(card):
         value = getattr(card, f.name)
         if f.name == "operating_points":
-            value = [
-                {
-                    "name": p.name,
-                    "threshold": p.threshold,
-                    "sensitivity": p.sensitivity,
-                    "specificity": p.specificity,
-                    "sensitivity_ci": list(p.sensitivity_ci),
-                    "specificity_ci": list(p.specificity_ci),
-                }
-                for p in value
-            ]
+            value = _points_to_list(value)
         elif f.name == "regions":
             value = [str(r) for r in value]
         elif f.name in ("kind", "group"):
             value = None if value is None else str(value)
+        elif f.name == "segmenter":
+            if value is None:
+                continue  # older readers and every other kind: no key at all
+            value = segmenter_to_dict(value)
         data[f.name] = value
     return data
 
@@ -100,23 +208,20 @@ def card_to_dict(card: ModelCard) -> dict[str, Any]:
 def card_from_dict(data: Mapping[str, Any], path: Path | None = None) -> ModelCard:
     """Parse a card; unknown keys are ignored so newer cards still load."""
     try:
-        points = tuple(
-            OperatingPoint(
-                name=str(p["name"]),
-                threshold=float(p["threshold"]),
-                sensitivity=float(p["sensitivity"]),
-                specificity=float(p["specificity"]),
-                sensitivity_ci=(float(p["sensitivity_ci"][0]), float(p["sensitivity_ci"][1])),
-                specificity_ci=(float(p["specificity_ci"][0]), float(p["specificity_ci"][1])),
-            )
-            for p in data.get("operating_points", [])
-        )
+        points = _points_from_list(data.get("operating_points", []))
+        kind = ModelKind(data["kind"])
+        raw_segmenter = data.get("segmenter")
+        segmenter = None
+        if raw_segmenter is not None:
+            segmenter = segmenter_from_dict(raw_segmenter)
+        elif kind is ModelKind.SEGMENTER:
+            segmenter = SegmenterSpec()
         group = data.get("group")
         return ModelCard(
             name=str(data["name"]),
             version=str(data["version"]),
             device_uid=str(data["device_uid"]),
-            kind=ModelKind(data["kind"]),
+            kind=kind,
             architecture=str(data["architecture"]),
             group=None if group is None else AnatomicalGroup(group),
             regions=tuple(Region(r) for r in data.get("regions", [])),
@@ -131,8 +236,9 @@ def card_from_dict(data: Mapping[str, Any], path: Path | None = None) -> ModelCa
             weights={str(k): str(v) for k, v in dict(data.get("weights", {})).items()},
             manufacturer=str(data.get("manufacturer", "fracnode")),
             notes=str(data.get("notes", "")),
+            segmenter=segmenter,
         )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise PackageError(f"invalid {CARD_FILE}: {exc!r}", path) from exc
 
 

@@ -7,6 +7,7 @@ plain tuples, never torch tensors or ultralytics objects.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -38,6 +39,38 @@ class FractureDetector(Protocol):
 
     def detect(self, batch: NDArray[np.float32]) -> list[list[RawBox]]:
         """Fracture boxes per image, confidences calibrated by the card's temperature."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SegmenterOutput:
+    """One forward pass of a fracture-map model over a batch."""
+
+    logits: NDArray[np.float32]  # (N,) uncalibrated image scores (the card's score method)
+    probabilities: NDArray[np.float32]  # (N,) calibrated image probabilities
+    boxes: list[list[RawBox]]  # per image, calibrated box probabilities
+
+
+@runtime_checkable
+class FractureSegmenter(Protocol):
+    """A fracture-map model: the classifier's and the detector's interface, and both at once."""
+
+    card: ModelCard
+
+    def logits(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Uncalibrated image-score logits, shape (N,)."""
+        ...
+
+    def probabilities(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Calibrated image probabilities, shape (N,)."""
+        ...
+
+    def detect(self, batch: NDArray[np.float32]) -> list[list[RawBox]]:
+        """Boxes of the map's connected regions at the loosest box point, calibrated."""
+        ...
+
+    def segment(self, batch: NDArray[np.float32]) -> SegmenterOutput:
+        """Logits, probabilities and boxes from one forward pass."""
         ...
 
 

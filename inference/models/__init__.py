@@ -2,8 +2,9 @@
 
 :func:`load_model` verifies a package's checksums, then builds the runtime its card's ``kind``
 names: a torchvision classifier (:class:`~inference.models.classifier.TorchClassifier`), a
-region classifier (:class:`~inference.models.region.TorchRegionClassifier`) or a YOLOv8 detector
-(:class:`~inference.models.detector.YoloDetector`). torch and ultralytics are imported when a
+region classifier (:class:`~inference.models.region.TorchRegionClassifier`), a YOLOv8 detector
+(:class:`~inference.models.detector.YoloDetector`) or a fracture-map model
+(:class:`~inference.models.segmenter.TorchSegmenter`). torch and ultralytics are imported when a
 model is loaded, not when this package is imported.
 
 Errors::
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from inference.modelcard import ModelKind
 from inference.packages import ModelPackage, PackageError, verify_package
-from inference.protocols import FractureClassifier, FractureDetector, RegionClassifier
+from inference.protocols import FractureClassifier, FractureDetector, FractureSegmenter, RegionClassifier
 
 
 class ModelLoadError(PackageError):
@@ -25,7 +26,7 @@ class ModelLoadError(PackageError):
 
 def load_model(
     package: ModelPackage, device: str = "cpu"
-) -> FractureClassifier | FractureDetector | RegionClassifier:
+) -> FractureClassifier | FractureDetector | FractureSegmenter | RegionClassifier:
     """Verify ``package`` and load it; ``device`` "auto" picks CUDA when available."""
     verified = verify_package(package.path)
     kind = verified.card.kind
@@ -41,6 +42,10 @@ def load_model(
         from inference.models.detector import YoloDetector
 
         return YoloDetector.load(verified, device)
+    if kind is ModelKind.SEGMENTER:
+        from inference.models.segmenter import TorchSegmenter
+
+        return TorchSegmenter.load(verified, device)
     raise ModelLoadError(f"unknown model kind {kind!r}", package.path)
 
 
