@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from inference.calibration import CalibrationError, auroc
@@ -107,27 +106,56 @@ def load_polygons(path: Path) -> dict[str, list[list[float]]]:
     return out
 
 
+def _fill(canvas: NDArray[np.uint8], xs: NDArray[np.float64], ys: NDArray[np.float64]) -> None:
+    """Set the pixels of ``canvas`` whose centre lies inside the polygon (even-odd rule).
+
+    Pixel (row j, column i) spans [i, i + 1) x [j, j + 1) in model coordinates; its centre is
+    (i + 0.5, j + 0.5). Edges are taken half-open in y, so a vertex on a scan line counts once.
+    """
+    size = canvas.shape[0]
+    x0, y0 = xs, ys
+    x1, y1 = np.roll(xs, -1), np.roll(ys, -1)
+    first = max(0, int(np.floor(ys.min())))
+    last = min(size, int(np.ceil(ys.max())) + 1)
+    for row in range(first, last):
+        centre = row + 0.5
+        crossing = ((y0 <= centre) & (centre < y1)) | ((y1 <= centre) & (centre < y0))
+        if not crossing.any():
+            continue
+        a, b, c, d = x0[crossing], y0[crossing], x1[crossing], y1[crossing]
+        where = np.sort(a + (centre - b) * (c - a) / (d - b))
+        for left, right in zip(where[0::2], where[1::2], strict=False):
+            start = max(0, int(np.ceil(left - 0.5)))
+            stop = min(size, int(np.ceil(right - 0.5)))
+            if stop > start:
+                canvas[row, start:stop] = 1
+
+
 def rasterise_polygons(polygons: Sequence[Polygon], transform: LetterboxTransform) -> NDArray[np.uint8]:
     """A ``size`` x ``size`` mask (1 inside any polygon) in the letterboxed model frame.
 
     The normalised vertices are scaled to source pixels and mapped with ``transform`` exactly as
-    boxes are; a polygon of fewer than three vertices is skipped.
+    boxes are; a model pixel is inside when its centre is (so a square covering pixels [20, 50)
+    gives exactly 30 columns). A polygon too thin to hold any pixel centre still marks the pixel
+    holding its vertex mean, so no fracture vanishes from its mask; a polygon of fewer than three
+    vertices is skipped.
     """
     size = transform.size
-    canvas = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(canvas)
+    canvas = np.zeros((size, size), dtype=np.uint8)
     w, h = transform.source_width, transform.source_height
     for polygon in polygons:
         if len(polygon) < 6:
             continue
-        points = []
-        for k in range(0, len(polygon) - 1, 2):
-            x, y = polygon[k] * w, polygon[k + 1] * h
-            mx, my, _, _ = transform.to_model(x, y, x, y)
-            # PIL fills pixel (i, j) when its centre (i + 0.5) is inside; shift to pixel centres.
-            points.append((mx - 0.5, my - 0.5))
-        draw.polygon(points, fill=1, outline=1)
-    return np.asarray(canvas, dtype=np.uint8)
+        values = np.asarray(polygon[: len(polygon) // 2 * 2], dtype=np.float64).reshape(-1, 2)
+        xs = values[:, 0] * w * transform.scale + transform.pad_x
+        ys = values[:, 1] * h * transform.scale + transform.pad_y
+        before = int(canvas.sum())
+        _fill(canvas, xs, ys)
+        if int(canvas.sum()) == before:
+            column, row = int(np.floor(xs.mean())), int(np.floor(ys.mean()))
+            if 0 <= column < size and 0 <= row < size:
+                canvas[row, column] = 1
+    return canvas
 
 
 def masks_for(
