@@ -1,5 +1,9 @@
 """Analyse one study: decode -> route -> preprocess -> predict -> aggregate -> outcome.
 
+Per group, :class:`node.modelset.GroupModels` says which model gives the probability (stack,
+classifier, map model or detector) and which gives the boxes (map model, else detector); boxes
+are mapped back to source pixels with the letterbox transform of their model's input.
+
 Input is the study's spooled DICOM files; output is a :class:`inference.values.StudyResult` and
 the windowed source frames the overlays are drawn on. No database session is open while this
 runs. A failure on one image (bad pixel data) or one group (a model error) is recorded with its
@@ -8,6 +12,7 @@ reason in the result and the rest of the study goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,15 +27,17 @@ from pydicom.errors import InvalidDicomError
 
 from inference.decision import box_threshold, group_outcome
 from inference.evaluation.aggregate import AggregationMethod, aggregate_probabilities
+from inference.maps import stacked_probabilities
 from inference.modelcard import ModelCard
 from inference.pixels import PreparedImage, PreprocessConfig, prepare
 from inference.priority import decide_priority
+from inference.protocols import RawBox
 from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup, GroupTable, Region
 from inference.routing import KeywordTable, route
 from inference.values import Box, GroupResult, ImageResult, Outcome, RegionSource, Routing, StudyResult
 from node.imaging import ImagingError, SourceFrame, header_facts, load_frames
 from node.metrics import Metrics
-from node.modelset import GroupModels, ModelSet
+from node.modelset import GroupModels, ModelSet, ProbabilitySource
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +166,22 @@ def _prepare(items: Sequence[_Routed], card: ModelCard) -> list[PreparedImage]:
     return [prepare(item.frame.pixels, config, card.input_size) for item in items]
 
 
+class _Prepared:
+    """Prepared images per (input size, preprocessing): two models that agree share them."""
+
+    def __init__(self, items: Sequence[_Routed], metrics: Metrics) -> None:
+        self._items = items
+        self._metrics = metrics
+        self._done: dict[str, list[PreparedImage]] = {}
+
+    def __call__(self, card: ModelCard) -> list[PreparedImage]:
+        key = json.dumps([card.input_size, card.preprocessing], sort_keys=True, default=str)
+        if key not in self._done:
+            with self._metrics.time_stage("preprocess"):
+                self._done[key] = _prepare(self._items, card)
+        return self._done[key]
+
+
 def _batches(prepared: Sequence[PreparedImage], size: int) -> list[NDArray[np.float32]]:
     return [
         np.stack([p.pixels for p in prepared[i : i + size]]).astype(np.float32)
@@ -192,43 +215,74 @@ def _analyse_group(
         ImageResult(i.frame.sop_instance_uid, i.frame.frame, i.routing, float(p), tuple(b))
         for i, p, b in zip(items, probabilities, boxes, strict=True)
     )
-    deciding = models.classifier.card if models.classifier is not None else models.detector.card  # type: ignore[union-attr]
     probability = aggregate_probabilities(np.asarray(probabilities, dtype=np.float64), config.aggregation)
-    outcome, point = group_outcome(probability, deciding)
+    outcome, point = group_outcome(probability, models.deciding)
     return GroupResult(group, outcome, probability, point, regions, out_of_group, models.cards, images)
+
+
+def _source_boxes(raw: Sequence[RawBox], prepared: PreparedImage, threshold: float) -> list[Box]:
+    """Boxes at or above ``threshold`` in source pixels; a box left without area is dropped."""
+    out: list[Box] = []
+    for x0, y0, x1, y1, confidence in raw:
+        if confidence < threshold:
+            continue
+        sx0, sy0, sx1, sy1 = prepared.transform.to_source(x0, y0, x1, y1)
+        if sx1 > sx0 and sy1 > sy0:
+            out.append(Box(sx0, sy0, sx1, sy1, float(confidence)))
+    return out
 
 
 def _predict(
     items: list[_Routed], models: GroupModels, config: AnalysisConfig, metrics: Metrics
 ) -> tuple[list[float], list[list[Box]]]:
+    """Per image: the probability of the group's probability source, and the localiser's boxes."""
+    source = models.probability_source
+    prepared_for = _Prepared(items, metrics)
     probabilities: list[float] = []
+    classifier_logits: list[float] = []
     boxes: list[list[Box]] = [[] for _ in items]
     if models.classifier is not None:
-        with metrics.time_stage("preprocess"):
-            prepared = _prepare(items, models.classifier.card)
+        prepared = prepared_for(models.classifier.card)
         with metrics.time_stage("inference"):
             for batch in _batches(prepared, config.batch_size):
                 metrics.inference_batch_images.observe(len(batch))
-                probabilities.extend(float(p) for p in models.classifier.probabilities(batch))
-    if models.detector is not None:
-        card = models.detector.card
-        threshold = box_threshold(card)
-        with metrics.time_stage("preprocess"):
-            prepared = _prepare(items, card)
+                if source is ProbabilitySource.STACK:
+                    classifier_logits.extend(float(z) for z in models.classifier.logits(batch))
+                else:
+                    probabilities.extend(float(p) for p in models.classifier.probabilities(batch))
+    if models.segmenter is not None:
+        prepared = prepared_for(models.segmenter.card)
         with metrics.time_stage("inference"):
-            found: list[list[tuple[float, float, float, float, float]]] = []
+            outputs = []
             for batch in _batches(prepared, config.batch_size):
                 metrics.inference_batch_images.observe(len(batch))
-                found.extend(models.detector.detect(batch))
+                outputs.append(models.segmenter.segment(batch))
+        found = [b for out in outputs for b in out.boxes]
+        # The runtime cut the map at the loosest box point: every region it returns is shown.
         for index, (image_boxes, prep) in enumerate(zip(found, prepared, strict=True)):
-            for x0, y0, x1, y1, confidence in image_boxes:
-                if confidence < threshold:
-                    continue
-                sx0, sy0, sx1, sy1 = prep.transform.to_source(x0, y0, x1, y1)
-                boxes[index].append(Box(sx0, sy0, sx1, sy1, float(confidence)))
-        if models.classifier is None:
-            # Detector-only group: the image probability is its highest box confidence
-            # (the multi-site Faster R-CNN study), calibrated by the detector card's temperature
-            # and offset.
-            probabilities = [max((c for *_, c in image_boxes), default=0.0) for image_boxes in found]
+            boxes[index] = _source_boxes(image_boxes, prep, 0.0)
+        if source is ProbabilitySource.SEGMENTER:
+            probabilities = [float(p) for out in outputs for p in out.probabilities]
+        elif source is ProbabilitySource.STACK:
+            assert models.stack is not None
+            map_logits = np.concatenate([out.logits for out in outputs]) if outputs else np.zeros(0)
+            stacked = stacked_probabilities(models.stack, np.asarray(classifier_logits), map_logits)
+            probabilities = [float(p) for p in stacked]
+    if models.detector is not None and (models.segmenter is None or source is ProbabilitySource.DETECTOR):
+        card = models.detector.card
+        prepared = prepared_for(card)
+        with metrics.time_stage("inference"):
+            detected: list[list[RawBox]] = []
+            for batch in _batches(prepared, config.batch_size):
+                metrics.inference_batch_images.observe(len(batch))
+                detected.extend(models.detector.detect(batch))
+        if models.segmenter is None:
+            threshold = box_threshold(card)
+            for index, (image_boxes, prep) in enumerate(zip(detected, prepared, strict=True)):
+                boxes[index] = _source_boxes(image_boxes, prep, threshold)
+        if source is ProbabilitySource.DETECTOR:
+            # The image probability of a group the detector decides is its highest box
+            # confidence (the multi-site Faster R-CNN study), calibrated by the detector card's
+            # temperature and offset.
+            probabilities = [max((c for *_, c in image_boxes), default=0.0) for image_boxes in detected]
     return probabilities, boxes

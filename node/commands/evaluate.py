@@ -199,6 +199,7 @@ def _load_plans(packages: Sequence[Path], settings: Settings) -> list[ModelPlan]
             settings.models.directory,
             device=settings.models.device,
             include_bundled=settings.models.include_bundled,
+            allow_unproven=settings.models.allow_unproven,
         )
     except ModelSetError as exc:
         raise CliError(str(exc)) from exc

@@ -106,6 +106,7 @@ def _classifier(name: str, settings: Settings) -> FractureClassifier:
             settings.models.directory,
             device=settings.models.device,
             include_bundled=settings.models.include_bundled,
+            allow_unproven=settings.models.allow_unproven,
         )
     except ModelSetError as exc:
         raise CliError(str(exc)) from exc

@@ -53,7 +53,9 @@ def _installed(settings: Settings) -> tuple[frozenset[AnatomicalGroup], RegionCl
 
     try:
         m = settings.models
-        models = load_model_set(m.directory, device=m.device, include_bundled=m.include_bundled)
+        models = load_model_set(
+            m.directory, device=m.device, include_bundled=m.include_bundled, allow_unproven=m.allow_unproven
+        )
     except ModelSetError as exc:
         raise CliError(str(exc)) from exc
     return models.available, models.region_model

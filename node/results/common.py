@@ -147,12 +147,21 @@ def frame_numbers(source: Dataset, frame: int) -> list[int] | None:
 
 
 def classifier_of(cards: Sequence[ModelCard]) -> ModelCard | None:
-    """The model whose probability decides a group's outcome: its classifier, else its first."""
+    """The model whose probability decides a group's outcome: its classifier, else its first.
+
+    A map model listed first decides (:class:`node.modelset.GroupModels` lists the deciding
+    model first): its own probability, or its stack with the group's classifier.
+    """
+    if cards and cards[0].kind == ModelKind.SEGMENTER:
+        return cards[0]
     return _first_of(cards, ModelKind.CLASSIFIER)
 
 
 def detector_of(cards: Sequence[ModelCard]) -> ModelCard | None:
-    """The model whose boxes a group reports: its detector, else its first."""
+    """The model whose boxes a group reports: its map model (segmenter), else its detector, else its first."""
+    for card in cards:
+        if card.kind == ModelKind.SEGMENTER:
+            return card
     return _first_of(cards, ModelKind.DETECTOR)
 
 

@@ -4,9 +4,10 @@ One RGB Secondary Capture (highdicom ``SCImage.from_ref_dataset``: same patient 
 source, a new series) per analysed source frame. The picture is the windowed source frame, grey,
 between a header band and a footer band so no text covers anatomy:
 
-- each box drawn solid when its probability passes the detector's high-specificity point, dashed
+- each box drawn solid when its probability passes the localiser's high-specificity point, dashed
   when it passes only the high-sensitivity point (boxes below both are not drawn), with its
-  probability next to it;
+  probability next to it; the localiser is the group's map model (its box operating points),
+  else its detector;
 - a header with the group outcome, the study and image probabilities and the operating point, and
   the out-of-group warning when it applies;
 - a footer "AI result - not for diagnostic use" (with an em dash) and a legend of the line styles.
@@ -213,18 +214,21 @@ def analysed_images(result: StudyResult) -> Iterator[tuple[GroupResult, ImageRes
 
 
 def drawn_boxes(boxes: Sequence[Box], detector: ModelCard | None) -> list[DrawnBox]:
-    """The boxes worth drawing and their style, from the detector's operating points.
+    """The boxes worth drawing and their style, from the localiser's box thresholds.
+
+    A detector's boxes are held to its operating points, a map model's to its box operating
+    points (:meth:`inference.modelcard.ModelCard.box_threshold`).
 
     Without a high-specificity point every box is drawn dashed (none is a firm call); without a
     high-sensitivity point, every box that does not pass high specificity is drawn dashed.
     """
-    strict = detector.operating_point(HIGH_SPECIFICITY) if detector is not None else None
-    loose = detector.operating_point(HIGH_SENSITIVITY) if detector is not None else None
+    strict = detector.box_threshold(HIGH_SPECIFICITY) if detector is not None else None
+    loose = detector.box_threshold(HIGH_SENSITIVITY) if detector is not None else None
     drawn: list[DrawnBox] = []
     for box in boxes:
-        if strict is not None and box.probability >= strict.threshold:
+        if strict is not None and box.probability >= strict:
             drawn.append(DrawnBox(box, LineStyle.SOLID))
-        elif loose is None or box.probability >= loose.threshold:
+        elif loose is None or box.probability >= loose:
             drawn.append(DrawnBox(box, LineStyle.DASHED))
     return drawn
 

@@ -16,7 +16,9 @@ Content tree (PS3.16 TID 1500, built with highdicom's template classes):
   (five (column, row) points in source pixels; DICOM puts 0.0 at the outer corner of the first pixel,
   PS3.3 C.18.6.1.1, the same convention as :class:`inference.values.Box`), finding "Fracture of
   bone", the finding site of the image's region with its laterality, the box probability and, when
-  the detector has its operating points, Present (past high specificity) or Equivocal.
+  the localiser has its (box) operating points, Present (past high specificity) or Equivocal. The
+  localiser is the group's map model (kind ``segmenter``), else its detector; it is named by TID
+  4019 in each box group.
 
 VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY, UIDs from :mod:`node.results.uids`.
 
@@ -272,11 +274,11 @@ def _algorithm(card: ModelCard, operating_point: str | None) -> hd.sr.AlgorithmI
 
 
 def _box_call(card: ModelCard, box: Box) -> hd.sr.CodedConcept | None:
-    strict = card.operating_point(HIGH_SPECIFICITY)
-    loose = card.operating_point(HIGH_SENSITIVITY)
-    if strict is not None and box.probability >= strict.threshold:
+    strict = card.box_threshold(HIGH_SPECIFICITY)
+    loose = card.box_threshold(HIGH_SENSITIVITY)
+    if strict is not None and box.probability >= strict:
         return hd.sr.CodedConcept.from_code(fc.PRESENT)
-    if loose is not None and box.probability >= loose.threshold:
+    if loose is not None and box.probability >= loose:
         return hd.sr.CodedConcept.from_code(fc.EQUIVOCAL)
     return None
 
