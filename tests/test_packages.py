@@ -37,6 +37,7 @@ from inference.pixels import PreprocessConfig
 from inference.protocols import FractureClassifier, FractureDetector, RegionClassifier
 from inference.regions import AnatomicalGroup, Region
 from node.cli import main
+from node.modelset import unproven
 
 UID = re.compile(r"^2\.25\.[1-9][0-9]*$")
 
@@ -153,19 +154,20 @@ def test_bundled_packages_verify_load_and_cover_the_groups() -> None:
         kinds.add(card.kind)
         assert UID.match(card.device_uid)
         assert card.training_data.get("train"), f"{card.name}: the card says what it was trained on"
-        if card.kind is ModelKind.CLASSIFIER:
+        if card.kind in (ModelKind.CLASSIFIER, ModelKind.SEGMENTER):
             points = {p.name for p in card.operating_points}
             assert {HIGH_SENSITIVITY, HIGH_SPECIFICITY, YOUDEN} <= points, card.name
             assert card.validation_metrics.get("auroc_ci"), card.name
-            covered.add(card.group)  # type: ignore[arg-type]
-        if card.kind is ModelKind.DETECTOR:
-            covered.add(card.group)  # type: ignore[arg-type]
+        # A group counts as covered only by a model the node serves by default: one whose
+        # validation AUROC interval excludes 0.5 (the bundled YOLO detector of upper-middle is at
+        # chance, [0.44, 0.58], so the node no longer serves it; issue 12).
+        if card.kind is not ModelKind.REGION and unproven(card) is None and card.group is not None:
+            covered.add(card.group)
     assert {ModelKind.CLASSIFIER, ModelKind.DETECTOR, ModelKind.REGION} <= kinds
     assert {
         AnatomicalGroup.UPPER_DISTAL,
         AnatomicalGroup.LOWER_MIDDLE,
         AnatomicalGroup.UPPER_PROXIMAL,
-        AnatomicalGroup.UPPER_MIDDLE,
     } <= covered
 
 

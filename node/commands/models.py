@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from inference.modelcard import ModelCard
+from inference.modelcard import HIGH_SENSITIVITY, ModelCard
 from inference.packages import (
     ModelPackage,
     PackageError,
@@ -76,7 +76,15 @@ def headline(card: ModelCard) -> str:
         if parts:
             return ", ".join(parts)
     elif m.get("auroc") is not None:
-        return f"AUROC {m['auroc']:.3f} {m.get('auroc_ci', '')} (n={m.get('n')}, pos={m.get('positives')})"
+        text = f"AUROC {m['auroc']:.3f} {m.get('auroc_ci', '')} (n={m.get('n')}, pos={m.get('positives')})"
+        if card.segmenter is not None:
+            box = card.segmenter.box_point(HIGH_SENSITIVITY)
+            if box is not None:
+                text += (
+                    f", box recall {box.recall:.3f} at {box.false_positives_per_image:.2f} FP/img"
+                    f" (IoU {box.iou})"
+                )
+        return text
     return "no validation metrics"
 
 
@@ -90,6 +98,15 @@ def operating_point_lines(card: ModelCard, intervals: bool = False) -> list[str]
             sensitivity += f" {list(point.sensitivity_ci)}"
             specificity += f" {list(point.specificity_ci)}"
         lines.append(f"  {point.name}: threshold {point.threshold:.4f} {sensitivity} {specificity}")
+    if card.segmenter is not None:
+        for box in card.segmenter.box_operating_points:
+            recall = f"recall {box.recall:.3f}"
+            if intervals:
+                recall += f" {list(box.recall_ci)}"
+            lines.append(
+                f"  box {box.name}: map probability {box.threshold:.4f} {recall} "
+                f"FP/image {box.false_positives_per_image:.3f} (IoU {box.iou})"
+            )
     return lines
 
 

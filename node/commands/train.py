@@ -1,10 +1,16 @@
-"""``fracnode train classifier|detector|region``: train a model and write its package.
+"""``fracnode train classifier|detector|region|segmenter``: train a model and write its package.
 
 Data: ``--data PATH`` (repeatable) is a FracAtlas or upper-limb-web folder, a MURA v1.1 folder
 or a CSV file (``path,label,region[,study_id][,split]``); the layout is detected. The ``train``
 split trains, ``valid`` calibrates and scores (see :mod:`inference.training.classifier`).
 Prepared pixels are cached under ``--cache`` and checkpoints written every epoch under
 ``--work``, so ``--resume`` continues a stopped run. The package goes to ``--out``.
+
+``train segmenter`` trains a fracture-map model on the FracAtlas polygons (default: the
+``fracture_polygons.json`` beside the data), chooses its image score on the early-stopping
+hold-out, calibrates it on ``valid`` once and sets its image and box operating points
+(:mod:`inference.training.segmenter_package`). With ``--from-checkpoint`` it trains nothing: it
+packages the best weights of an existing checkpoint (``--size`` must be the run's).
 
 Operator errors (a missing path, data that cannot train this model, a checkpoint of other
 settings) raise :class:`node.cli.CliError` (exit 2).
@@ -17,7 +23,8 @@ import logging
 from pathlib import Path
 
 from inference.datasets import DatasetError
-from inference.models.catalog import BACKBONES, YOLO_VARIANTS
+from inference.modelcard import SEGMENTER_SCORES
+from inference.models.catalog import BACKBONES, SEGMENTER_BACKBONES, YOLO_VARIANTS
 from inference.packages import ModelPackage, PackageError
 from inference.pixels import PreprocessConfig
 from inference.regions import AnatomicalGroup, Region
@@ -68,7 +75,9 @@ def _common(parser: argparse.ArgumentParser, size: int, epochs: int, batch: int)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("train", help="train a classifier, detector or region model into a package")
+    parser = sub.add_parser(
+        "train", help="train a classifier, detector, region or fracture-map model into a package"
+    )
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
 
     classifier = kinds.add_parser("classifier", help="fracture classifier (torchvision, from scratch)")
@@ -125,6 +134,55 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--min-images", type=int, default=20, help="fewest training images that make a region a class"
     )
     region.set_defaults(handler=train_region)
+
+    segmenter = kinds.add_parser(
+        "segmenter", help="fracture-map model on the fracture polygons (image probability and boxes)"
+    )
+    _common(segmenter, size=256, epochs=30, batch=16)
+    segmenter.add_argument("--backbone", choices=SEGMENTER_BACKBONES, default="mobilenet_v3_small")
+    segmenter.add_argument("--lr", type=float, default=2e-3)
+    segmenter.add_argument("--patience", type=int, default=8)
+    segmenter.add_argument("--negatives-per-positive", type=float, default=2.0)
+    segmenter.add_argument(
+        "--stop-fraction", type=float, default=0.15, help="early-stopping hold-out carved out of train"
+    )
+    segmenter.add_argument(
+        "--polygons",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="fracture_polygons.json (default: the one beside --data)",
+    )
+    segmenter.add_argument(
+        "--regions", default=None, help="comma-separated regions to train on (default: every region)"
+    )
+    segmenter.add_argument(
+        "--group", choices=[str(g) for g in AnatomicalGroup], default=None, help="the group the card names"
+    )
+    segmenter.add_argument(
+        "--score",
+        choices=("auto", *SEGMENTER_SCORES),
+        default="auto",
+        help="image score (auto: the best on the early-stopping hold-out)",
+    )
+    segmenter.add_argument(
+        "--flip", choices=("auto", "on", "off"), default="auto", help="horizontal-flip TTA (auto: as --score)"
+    )
+    segmenter.add_argument("--box-iou", type=float, default=0.3, help="IoU of a box hit")
+    segmenter.add_argument(
+        "--box-fp-sensitive", type=float, default=0.5, help="FP boxes per image at the high-sensitivity point"
+    )
+    segmenter.add_argument(
+        "--box-fp-specific", type=float, default=0.1, help="FP boxes per image at the high-specificity point"
+    )
+    segmenter.add_argument(
+        "--from-checkpoint",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="package this checkpoint's best weights (checkpoint.pt, or a state_dict) without training",
+    )
+    segmenter.set_defaults(handler=train_segmenter)
 
 
 def _check(args: argparse.Namespace) -> tuple[str, Path]:
@@ -255,6 +313,91 @@ def train_detector(args: argparse.Namespace, settings: Settings) -> int:
             None if args.group is None else AnatomicalGroup(args.group),
             args.notes,
         )
+    except (DatasetError, TrainingError, PackageError, CalibrationError) as exc:
+        raise CliError(str(exc)) from exc
+    return _report(package)
+
+
+def train_segmenter(args: argparse.Namespace, settings: Settings) -> int:
+    from inference.calibration import CalibrationError
+    from inference.training.loop import TrainingError
+    from inference.training.segmenter import SegmenterJob, SegmenterLoop, run_segmenter
+    from inference.training.segmenter_package import (
+        BoxTargets,
+        package_segmenter,
+        package_segmenter_from_checkpoint,
+    )
+
+    name, work = _check(args)
+    if args.clahe:
+        raise CliError("--clahe: the segmenter trains and serves on the default preprocessing")
+    if not 0.0 < args.stop_fraction < 1.0:
+        raise CliError("--stop-fraction must be between 0 and 1")
+    if not 0.0 < args.box_iou <= 1.0 or args.box_fp_sensitive < 0 or args.box_fp_specific < 0:
+        raise CliError("--box-iou must be in (0, 1], the FP-per-image budgets at least 0")
+    if args.polygons is not None and not args.polygons.is_file():
+        raise CliError(f"--polygons {args.polygons} does not exist")
+    if args.from_checkpoint is not None and not args.from_checkpoint.is_file():
+        raise CliError(f"--from-checkpoint {args.from_checkpoint} does not exist")
+    regions = None
+    if args.regions:
+        try:
+            regions = tuple(str(Region(r.strip())) for r in args.regions.split(",") if r.strip())
+        except ValueError as exc:
+            raise CliError(f"--regions: {exc}") from exc
+    job = SegmenterJob(
+        data=tuple(p.resolve() for p in args.data),
+        polygons=None if args.polygons is None else args.polygons.resolve(),
+        regions=regions,
+        size=args.size,
+        loop=SegmenterLoop(
+            backbone=args.backbone,
+            epochs=args.epochs,
+            batch=args.batch,
+            lr=args.lr,
+            patience=args.patience,
+            negatives_per_positive=args.negatives_per_positive,
+            seed=args.seed,
+            device=args.device,
+            threads=args.threads,
+        ),
+        stop_fraction=args.stop_fraction,
+    )
+    targets = BoxTargets(args.box_iou, args.box_fp_sensitive, args.box_fp_specific)
+    score = None if args.score == "auto" else str(args.score)
+    flip = None if args.flip == "auto" else args.flip == "on"
+    group = None if args.group is None else AnatomicalGroup(args.group)
+    try:
+        if args.from_checkpoint is not None:
+            package = package_segmenter_from_checkpoint(
+                args.from_checkpoint.resolve(),
+                job,
+                args.out,
+                name,
+                args.cache,
+                args.version,
+                group,
+                args.notes,
+                score=score,
+                flip=flip,
+                targets=targets,
+                device=args.device,
+            )
+        else:
+            run = run_segmenter(job, args.cache, work, resume=args.resume, progress=not args.no_progress)
+            package = package_segmenter(
+                run,
+                args.out,
+                name,
+                args.cache,
+                args.version,
+                group,
+                args.notes,
+                score=score,
+                flip=flip,
+                targets=targets,
+                device=args.device,
+            )
     except (DatasetError, TrainingError, PackageError, CalibrationError) as exc:
         raise CliError(str(exc)) from exc
     return _report(package)
