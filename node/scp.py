@@ -453,6 +453,10 @@ class _NodeServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, gate: _Gate, **kwargs: Any) -> None:
         self.gate = gate
+        # socketserver listens with a backlog of 5: a burst of connects (16 senders at once)
+        # overflowed it and the dropped SYNs came back only after the client's 1 s retransmit.
+        cfg = gate.config
+        self.request_queue_size = min(cfg.max_associations + cfg.max_pending_connections, socket.SOMAXCONN)
         kwargs["request_handler"] = _RequestHandler
         super().__init__(*args, **kwargs)
 
