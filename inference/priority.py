@@ -2,8 +2,11 @@
 
 A study is:
 
-- ``URGENT`` when any group is positive (at or above its high-specificity operating point),
-- ``REVIEW`` when any group is possible (at or above its high-sensitivity point only),
+- ``URGENT`` when any group is positive (at or above its high-specificity operating point) and
+  that group's evidence is strong (:class:`PriorityPolicy`: read in group, region not guessed
+  from the pixels alone, a model with proven discrimination),
+- ``REVIEW`` when any group is possible (at or above its high-sensitivity point only), or
+  positive on weak evidence,
 - ``ROUTINE`` when every analysed group is negative,
 - ``NOT_ANALYSED`` when no group could be analysed; :func:`not_analysed_reason` says why.
 
@@ -25,8 +28,10 @@ Pure functions, no errors of their own beyond ``ValueError`` for a probability o
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-from inference.values import PRIORITY_ORDER, GroupResult, ImageResult, Outcome, Priority
+from inference.modelcard import ModelCard, ModelKind
+from inference.values import PRIORITY_ORDER, GroupResult, ImageResult, Outcome, Priority, RegionSource
 
 _PRIORITY_OF_OUTCOME: dict[Outcome, Priority] = {
     Outcome.POSITIVE: Priority.URGENT,
@@ -43,12 +48,89 @@ def priority_rank(priority: Priority) -> int:
     return PRIORITY_ORDER.index(priority)
 
 
-def decide_priority(result_groups: Iterable[GroupResult]) -> tuple[Priority, float | None]:
+@dataclass(frozen=True, slots=True)
+class PriorityPolicy:
+    """How far weak evidence may raise a study (settings ``[priority]``; docs/operations.md).
+
+    - ``cap_out_of_group``: a group read by a model of another group (a region without its own
+      model) raises the study to REVIEW at most, never URGENT.
+    - ``cap_pixel_guessed``: the same for a group whose region only the image classifier named
+      (no header, code or description did).
+    - A model without proven discrimination (:func:`unproven`: its validation AUROC interval
+      contains 0.5) never raises a study above ROUTINE; the node refuses such models unless
+      ``models.allow_unproven`` is set, and this is the second line of that guard.
+    """
+
+    cap_out_of_group: bool = True
+    cap_pixel_guessed: bool = True
+
+
+DEFAULT_POLICY = PriorityPolicy()
+
+
+def unproven(card: ModelCard) -> str | None:
+    """Why a fracture model has no proven discrimination: its validation AUROC 95 % interval
+    contains 0.5; ``None`` otherwise. A card without an interval is not judged (a site's own
+    package before ``fracnode calibrate`` wrote one). The node's package guard and the priority
+    policy share this rule."""
+    if card.kind is ModelKind.REGION:
+        return None
+    interval = card.auroc_interval()
+    if interval is None:
+        return None
+    low, high = interval
+    if low <= 0.5 <= high:
+        return f"its validation AUROC 95 % interval [{low:.3f}, {high:.3f}] contains 0.5 (chance)"
+    return None
+
+
+def proven(card: ModelCard) -> bool:
+    return unproven(card) is None
+
+
+def priority_cap(group: GroupResult, policy: PriorityPolicy = DEFAULT_POLICY) -> tuple[Priority, str | None]:
+    """The most urgent priority ``group`` may give its study, and why it is capped (or None)."""
+    deciding = group.models[0] if group.models else None
+    if deciding is not None and not proven(deciding):
+        return Priority.ROUTINE, f"model {deciding.name} is not proven to discriminate: cannot raise priority"
+    if policy.cap_out_of_group and group.out_of_group:
+        return Priority.REVIEW, "read out of group: REVIEW at most"
+    if policy.cap_pixel_guessed and group.images and all(
+        image.routing.source is RegionSource.IMAGE for image in group.images
+    ):
+        return Priority.REVIEW, "region guessed from the pixels: REVIEW at most"
+    return Priority.URGENT, None
+
+
+def group_priority(group: GroupResult, policy: PriorityPolicy = DEFAULT_POLICY) -> Priority:
+    """The priority one group gives its study: its outcome's, within its cap."""
+    wanted = _PRIORITY_OF_OUTCOME[group.outcome]
+    if wanted is Priority.NOT_ANALYSED:
+        return wanted
+    cap, _ = priority_cap(group, policy)
+    return cap if priority_rank(wanted) < priority_rank(cap) else wanted
+
+
+def priority_notes(
+    result_groups: Iterable[GroupResult], policy: PriorityPolicy = DEFAULT_POLICY
+) -> list[str]:
+    """One line per group whose outcome was capped by the policy (for the SR, SC and API)."""
+    notes = []
+    for group in result_groups:
+        if group_priority(group, policy) is not _PRIORITY_OF_OUTCOME[group.outcome]:
+            _, why = priority_cap(group, policy)
+            notes.append(f"{group.group}: {group.outcome} capped at {group_priority(group, policy)} ({why})")
+    return notes
+
+
+def decide_priority(
+    result_groups: Iterable[GroupResult], policy: PriorityPolicy = DEFAULT_POLICY
+) -> tuple[Priority, float | None]:
     """Return ``(priority, score)`` for a study whose groups have these results."""
     priority = Priority.NOT_ANALYSED
     score: float | None = None
     for group in result_groups:
-        candidate = _PRIORITY_OF_OUTCOME[group.outcome]
+        candidate = group_priority(group, policy)
         if priority_rank(candidate) < priority_rank(priority):
             priority = candidate
         if group.outcome is Outcome.NOT_ANALYSED or group.probability is None:

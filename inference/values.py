@@ -107,3 +107,5 @@ class StudyResult:
     not_analysed: tuple[ImageResult, ...]  # images routed nowhere (other/unknown/failed)
     priority: Priority
     score: float | None  # highest group probability, for ordering within a priority
+    # Why a group's outcome raised the study less than it would have (inference.priority policy).
+    priority_notes: tuple[str, ...] = ()

@@ -30,7 +30,7 @@ from inference.evaluation.aggregate import AggregationMethod, aggregate_probabil
 from inference.maps import stacked_probabilities
 from inference.modelcard import ModelCard
 from inference.pixels import PreparedImage, PreprocessConfig, prepare
-from inference.priority import decide_priority
+from inference.priority import DEFAULT_POLICY, PriorityPolicy, decide_priority, priority_notes
 from inference.protocols import RawBox
 from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup, GroupTable, Region
 from inference.routing import KeywordTable, route
@@ -52,6 +52,7 @@ class AnalysisConfig:
     stretch: bool = True
     clahe: bool = False
     gradcam: bool = False  # Grad-CAM overlays for the extra SC series (export.gradcam_sc)
+    priority: PriorityPolicy = DEFAULT_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,7 @@ def analyse_study(
     groups = []
     for group in sorted(by_group):
         groups.append(_analyse_group(group, by_group[group], models.groups[group], config, metrics))
-    priority, score = decide_priority(groups)
+    priority, score = decide_priority(groups, config.priority)
     result = StudyResult(
         study_instance_uid=study_uid,
         revision=revision,
@@ -134,6 +135,7 @@ def analyse_study(
         not_analysed=tuple(not_analysed),
         priority=priority,
         score=score,
+        priority_notes=tuple(priority_notes(groups, config.priority)),
     )
     frames_by_key = {(r.frame.sop_instance_uid, r.frame.frame): r.frame.pixels for r in routed}
     explanations = _explain(by_group, models, metrics) if config.gradcam else {}

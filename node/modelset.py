@@ -35,6 +35,7 @@ from pathlib import Path
 from inference.modelcard import ModelCard, ModelKind, Stack
 from inference.models import load_model
 from inference.packages import ModelPackage, PackageError, bundled_directory, discover, verify_package
+from inference.priority import unproven
 from inference.protocols import FractureClassifier, FractureDetector, FractureSegmenter, RegionClassifier
 from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup, GroupTable
 
@@ -156,19 +157,6 @@ def _better(candidate: ModelCard, current: ModelCard | None, group: AnatomicalGr
     if current is None:
         return True
     return candidate.group == group and current.group != group
-
-
-def unproven(card: ModelCard) -> str | None:
-    """Why a fracture model may not serve: its validation AUROC interval contains 0.5; else None."""
-    if card.kind is ModelKind.REGION:
-        return None
-    interval = card.auroc_interval()
-    if interval is None:
-        return None
-    low, high = interval
-    if low <= 0.5 <= high:
-        return f"its validation AUROC 95 % interval [{low:.3f}, {high:.3f}] contains 0.5 (chance)"
-    return None
 
 
 def unproven_in(card: ModelCard, group: AnatomicalGroup) -> str | None:

@@ -149,6 +149,7 @@ def summary(result: StudyResult) -> dict[str, object]:
     return {
         "revision": result.revision,
         "priority": str(result.priority),
+        "priority_notes": list(result.priority_notes),
         "score": result.score,
         "groups": [
             {

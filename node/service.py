@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from inference.priority import PriorityPolicy
 from inference.routing import load_keywords
 from node import __version__
 from node.analysis import AnalysisConfig
@@ -92,6 +93,10 @@ def analysis_config(settings: Settings) -> AnalysisConfig:
         stretch=p.stretch,
         clahe=p.clahe,
         gradcam=settings.export.gradcam_sc,
+        priority=PriorityPolicy(
+            cap_out_of_group=settings.priority.cap_out_of_group,
+            cap_pixel_guessed=settings.priority.cap_pixel_guessed,
+        ),
     )
 
 

@@ -266,6 +266,15 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class PrioritySettings(_Section):
+    """How far weak evidence may raise a study (inference.priority.PriorityPolicy)."""
+
+    # A positive read by a model of another group, or whose region only the image classifier
+    # named, makes the study REVIEW at most (never URGENT) unless these are turned off.
+    cap_out_of_group: bool = True
+    cap_pixel_guessed: bool = True
+
+
 class WorklistSettings(_Section):
     """How the worklist (``GET /worklist``) orders studies."""
 
@@ -305,6 +314,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     export: ExportSettings = ExportSettings()
     worklist: WorklistSettings = WorklistSettings()
+    priority: PrioritySettings = PrioritySettings()
     api: ApiSettings = ApiSettings()
     hl7: Hl7Settings = Hl7Settings()
     logging: LoggingSettings = LoggingSettings()

@@ -34,10 +34,10 @@ from inference.packages import (
     write_package,
 )
 from inference.pixels import PreprocessConfig
+from inference.priority import unproven
 from inference.protocols import FractureClassifier, FractureDetector, RegionClassifier
 from inference.regions import AnatomicalGroup, Region
 from node.cli import main
-from node.modelset import unproven
 
 UID = re.compile(r"^2\.25\.[1-9][0-9]*$")
 

@@ -139,3 +139,72 @@ def test_no_sequence_of_revisions_ever_lowers_the_effective_priority() -> None:
                 signalled = new
         assert signalled is not None
         assert priority_rank(signalled) == min(priority_rank(p) for p in revisions)
+
+
+# -- the policy: weak evidence cannot make a study URGENT ------------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from inference.modelcard import ModelCard, ModelKind  # noqa: E402
+from inference.priority import DEFAULT_POLICY, PriorityPolicy, priority_notes, proven  # noqa: E402
+
+PROVEN = ModelCard(
+    "wrist", "1", "1.2.3.4", ModelKind.CLASSIFIER, "mobilenet_v3_small", G.UPPER_DISTAL, (Region.WRIST,), 256,
+    validation_metrics={"auroc": 0.83, "auroc_ci": [0.76, 0.90]},
+)
+CHANCE = replace(PROVEN, name="chance", validation_metrics={"auroc": 0.51, "auroc_ci": [0.42, 0.60]})
+
+
+def read(
+    outcome: Outcome,
+    *,
+    card: ModelCard = PROVEN,
+    out_of_group: bool = False,
+    source: RegionSource = RegionSource.BODY_PART,
+) -> GroupResult:
+    routing = Routing(Region.WRIST, source, 0.9, None, None, G.UPPER_DISTAL, out_of_group)
+    image = ImageResult(sop_instance_uid="1.2.3.9", frame=0, routing=routing, probability=0.6)
+    base = group(G.UPPER_DISTAL, outcome, 0.6)
+    return replace(base, out_of_group=out_of_group, models=(card,), images=(image,))
+
+
+@pytest.mark.parametrize(
+    ("case", "outcome", "policy", "expected"),
+    [
+        (dict(), Outcome.POSITIVE, DEFAULT_POLICY, Priority.URGENT),
+        (dict(out_of_group=True), Outcome.POSITIVE, DEFAULT_POLICY, Priority.REVIEW),
+        (dict(out_of_group=True), Outcome.POSSIBLE, DEFAULT_POLICY, Priority.REVIEW),
+        (dict(out_of_group=True), Outcome.NEGATIVE, DEFAULT_POLICY, Priority.ROUTINE),
+        (dict(source=RegionSource.IMAGE), Outcome.POSITIVE, DEFAULT_POLICY, Priority.REVIEW),
+        (dict(source=RegionSource.DESCRIPTION), Outcome.POSITIVE, DEFAULT_POLICY, Priority.URGENT),
+        (dict(card=CHANCE), Outcome.POSITIVE, DEFAULT_POLICY, Priority.ROUTINE),
+        (dict(card=CHANCE), Outcome.POSSIBLE, DEFAULT_POLICY, Priority.ROUTINE),
+        (dict(card=CHANCE), Outcome.NOT_ANALYSED, DEFAULT_POLICY, Priority.NOT_ANALYSED),
+        (dict(out_of_group=True), Outcome.POSITIVE, PriorityPolicy(cap_out_of_group=False), Priority.URGENT),
+        (dict(source=RegionSource.IMAGE), Outcome.POSITIVE, PriorityPolicy(cap_pixel_guessed=False),
+         Priority.URGENT),
+        # an unproven model stays capped whatever the policy says
+        (dict(card=CHANCE), Outcome.POSITIVE, PriorityPolicy(False, False), Priority.ROUTINE),
+    ],
+)
+def test_priority_policy_table(
+    case: dict[str, object], outcome: Outcome, policy: PriorityPolicy, expected: Priority
+) -> None:
+    result = read(outcome, **case)  # type: ignore[arg-type]
+    assert decide_priority([result], policy)[0] is expected
+    notes = priority_notes([result], policy)
+    capped = expected is not {Outcome.POSITIVE: Priority.URGENT, Outcome.POSSIBLE: Priority.REVIEW}.get(
+        outcome, expected
+    )
+    assert bool(notes) == capped, notes
+
+
+def test_a_strong_group_still_makes_the_study_urgent_beside_a_capped_one() -> None:
+    strong = replace(read(Outcome.POSITIVE), group=G.LOWER_DISTAL)
+    groups = [read(Outcome.POSITIVE, out_of_group=True), strong]
+    assert decide_priority(groups)[0] is Priority.URGENT
+
+
+def test_proven_means_an_interval_above_chance() -> None:
+    assert proven(PROVEN) and not proven(CHANCE)
+    assert proven(replace(PROVEN, validation_metrics={}))  # no interval: not judged, like the guard

@@ -51,6 +51,7 @@ from inference.packages import (
     write_package,
 )
 from inference.pixels import LetterboxTransform, PreprocessConfig, letterbox
+from inference.priority import unproven
 from inference.protocols import FractureClassifier, FractureDetector, FractureSegmenter
 from inference.regions import AnatomicalGroup, Region
 from inference.routing import load_keywords
@@ -59,7 +60,7 @@ from inference.values import Outcome
 from node.analysis import AnalysisConfig, analyse_study
 from node.cli import main
 from node.metrics import Metrics
-from node.modelset import GroupModels, ModelSet, ProbabilitySource, load_model_set, unproven
+from node.modelset import GroupModels, ModelSet, ProbabilitySource, load_model_set
 from node.results.common import classifier_of, detector_of
 from node.results.overlay import LineStyle, build_overlays, drawn_boxes
 from node.results.sr import build_sr
