@@ -177,6 +177,16 @@ class RegionDecision:
     candidates: frozenset[Region] = frozenset()
     detail: str | None = None
     reason: str | None = None
+    guess: Region | None = None  # the image classifier's answer, when it was asked
+    guess_confidence: float | None = None
+    low_confidence: bool = False  # analysed on a guess below the minimum (by setting)
+
+
+class BelowMinimum(StrEnum):
+    """What to do when the image classifier's answer is below the minimum confidence."""
+
+    NOT_ANALYSED = "not_analysed"  # the image is not analysed; its reason names the answer
+    ANALYSE_FLAGGED = "analyse_flagged"  # analysed as the answer, flagged low-confidence
 
 
 class NotAnalysed(StrEnum):
@@ -758,6 +768,7 @@ def route(
     region_model: RegionClassifier | None = None,
     image: NDArray[np.float32] | None = None,
     min_image_confidence: float = DEFAULT_MIN_IMAGE_CONFIDENCE,
+    below_minimum: BelowMinimum = BelowMinimum.NOT_ANALYSED,
 ) -> Routing:
     """Route one image: resolve its region (a)-(d), then the group whose model reads it.
 
@@ -773,6 +784,7 @@ def route(
         region_model=region_model,
         image=image,
         min_image_confidence=min_image_confidence,
+        below_minimum=below_minimum,
     )
 
 
@@ -784,10 +796,11 @@ def route_decision(
     region_model: RegionClassifier | None = None,
     image: NDArray[np.float32] | None = None,
     min_image_confidence: float = DEFAULT_MIN_IMAGE_CONFIDENCE,
+    below_minimum: BelowMinimum = BelowMinimum.NOT_ANALYSED,
 ) -> Routing:
     """Finish a :class:`RegionDecision`: step (d) when it is open, then the group table."""
     if region_model is not None and not decision.specific and image is not None:
-        decision = _classify(decision, region_model, image, min_image_confidence)
+        decision = _classify(decision, region_model, image, min_image_confidence, below_minimum)
 
     if decision.region in (Region.OTHER, Region.UNKNOWN):
         return Routing(
@@ -800,6 +813,9 @@ def route_decision(
             out_of_group=False,
             reason=decision.reason
             or ("not a limb region" if decision.region is Region.OTHER else "no region could be read"),
+            guess=decision.guess,
+            guess_confidence=decision.guess_confidence,
+            low_confidence=decision.low_confidence,
         )
     group, out_of_group = table.route(decision.region, available)
     reason = None
@@ -815,32 +831,47 @@ def route_decision(
         group=group,
         out_of_group=out_of_group,
         reason=reason,
+        guess=decision.guess,
+        guess_confidence=decision.guess_confidence,
+        low_confidence=decision.low_confidence,
     )
 
 
 def _classify(
-    decision: RegionDecision, model: RegionClassifier, image: NDArray[np.float32], minimum: float
+    decision: RegionDecision,
+    model: RegionClassifier,
+    image: NDArray[np.float32],
+    minimum: float,
+    below_minimum: BelowMinimum = BelowMinimum.NOT_ANALYSED,
 ) -> RegionDecision:
     card = model.card
     prepared = prepare(image, PreprocessConfig.from_dict(dict(card.preprocessing)), card.input_size)
     [(answer, probability)] = model.predict(prepared.pixels[np.newaxis])
     region = Region(answer)
     said = f"image classifier {card.name} {card.version} said {region} ({probability:.2f})"
-    if region in decision.candidates and probability >= minimum:
+    asked = replace(decision, guess=region, guess_confidence=float(probability))
+    confident = probability >= minimum
+    flagged = not confident and below_minimum is BelowMinimum.ANALYSE_FLAGGED and region is not Region.OTHER
+    if region in decision.candidates and (confident or flagged):
         reason = f"not a limb region ({said})" if region is Region.OTHER else None
         return replace(
-            decision,
+            asked,
             region=region,
             source=RegionSource.IMAGE,
             confidence=float(probability),
             specific=True,
-            detail=f"{said}; {decision.detail}",
+            detail=f"{said}{'' if confident else f', below {minimum:.2f}, analysed as set'}; "
+            f"{decision.detail}",
             reason=reason,
+            low_confidence=not confident,
         )
-    why = (
-        "below the minimum confidence" if region in decision.candidates else "outside what the header allows"
-    )
-    return replace(decision, detail=f"{said}, {why}; {decision.detail}")
+    if region in decision.candidates:
+        why = f"below the minimum confidence {minimum:.2f}"
+    else:
+        why = "outside what the header allows"
+    # The header's reason stays first; the classifier's answer says why it did not decide.
+    lead = decision.reason or "no region could be read"
+    return replace(asked, detail=f"{said}, {why}; {decision.detail}", reason=f"{lead}; {said}, {why}")
 
 
 def not_analysed_label(routing: Routing) -> NotAnalysed | None:

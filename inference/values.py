@@ -35,6 +35,11 @@ class Routing:
     group: AnatomicalGroup | None  # None: not analysed
     out_of_group: bool
     reason: str | None = None  # why the image is not analysed, when group is None
+    # The image classifier's best answer when it was asked (also when it was not trusted).
+    guess: Region | None = None
+    guess_confidence: float | None = None
+    # Set when the image was analysed on a guess below the minimum confidence (by setting).
+    low_confidence: bool = False
 
 
 @dataclass(frozen=True, slots=True)

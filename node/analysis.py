@@ -33,7 +33,7 @@ from inference.pixels import PreparedImage, PreprocessConfig, prepare
 from inference.priority import DEFAULT_POLICY, PriorityPolicy, decide_priority, priority_notes
 from inference.protocols import RawBox
 from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup, GroupTable, Region
-from inference.routing import KeywordTable, route
+from inference.routing import DEFAULT_MIN_IMAGE_CONFIDENCE, BelowMinimum, KeywordTable, route
 from inference.values import Box, GroupResult, ImageResult, Outcome, RegionSource, Routing, StudyResult
 from node.imaging import ImagingError, SourceFrame, header_facts, load_frames
 from node.metrics import Metrics
@@ -53,6 +53,8 @@ class AnalysisConfig:
     clahe: bool = False
     gradcam: bool = False  # Grad-CAM overlays for the extra SC series (export.gradcam_sc)
     priority: PriorityPolicy = DEFAULT_POLICY
+    min_image_confidence: float = DEFAULT_MIN_IMAGE_CONFIDENCE
+    below_minimum: BelowMinimum = BelowMinimum.NOT_ANALYSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,8 @@ def analyse_study(
                     keywords=keywords,
                     region_model=models.region_model,
                     image=frame.pixels,
+                    min_image_confidence=config.min_image_confidence,
+                    below_minimum=config.below_minimum,
                 )
                 routed.append(_Routed(frame, routing))
 

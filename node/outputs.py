@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from inference.values import Priority, StudyResult
+from inference.values import ImageResult, Priority, StudyResult
 from node.analysis import Analysis
 from node.results.gradcam import build_gradcam_scs
 from node.results.gsps import build_gsps
@@ -144,6 +144,25 @@ def write_result(
     return WrittenResult(tuple(written), tuple(records))
 
 
+def routing_summary(image: ImageResult) -> dict[str, object]:
+    """How an image's region was decided: source, region, confidence and, when the image
+    classifier was asked, its answer (also when it was not trusted)."""
+    r = image.routing
+    out: dict[str, object] = {
+        "sop_instance_uid": image.sop_instance_uid,
+        "frame": image.frame,
+        "region": str(r.region),
+        "source": str(r.source),
+        "confidence": round(r.confidence, 3),
+        "out_of_group": r.out_of_group,
+    }
+    if r.guess is not None:
+        out["image_classifier"] = {"region": str(r.guess), "confidence": round(r.guess_confidence or 0.0, 3)}
+    if r.low_confidence:
+        out["low_confidence"] = True
+    return out
+
+
 def summary(result: StudyResult) -> dict[str, object]:
     """The result as plain data for the study record and the API (no patient data)."""
     return {
@@ -165,6 +184,7 @@ def summary(result: StudyResult) -> dict[str, object]:
                 "images": len(g.images),
                 "boxes": sum(len(i.boxes) for i in g.images),
                 "reason": g.reason,
+                "routing": [routing_summary(i) for i in g.images],
             }
             for g in result.groups
         ],
@@ -174,6 +194,7 @@ def summary(result: StudyResult) -> dict[str, object]:
                 "frame": i.frame,
                 "region": str(i.routing.region),
                 "reason": i.error or i.routing.reason,
+                **routing_summary(i),
             }
             for i in result.not_analysed
         ],

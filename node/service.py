@@ -19,7 +19,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from inference.priority import PriorityPolicy
-from inference.routing import load_keywords
+from inference.routing import BelowMinimum, load_keywords
 from node import __version__
 from node.analysis import AnalysisConfig
 from node.api import ApiServer
@@ -97,6 +97,8 @@ def analysis_config(settings: Settings) -> AnalysisConfig:
             cap_out_of_group=settings.priority.cap_out_of_group,
             cap_pixel_guessed=settings.priority.cap_pixel_guessed,
         ),
+        min_image_confidence=settings.routing.min_image_confidence,
+        below_minimum=BelowMinimum(settings.routing.below_minimum),
     )
 
 

@@ -164,6 +164,11 @@ class AssemblySettings(_Section):
 class RoutingSettings(_Section):
     # A TOML file whose keyword tables extend the bundled ones (see inference/data/keywords.toml).
     keywords_file: Path | None = None
+    # The image classifier names a region only at or above this confidence ...
+    min_image_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    # ... and below it the image is "not_analysed" (its reason names the classifier's answer)
+    # or "analyse_flagged": analysed as that answer, flagged low-confidence (REVIEW at most).
+    below_minimum: Literal["not_analysed", "analyse_flagged"] = "not_analysed"
 
 
 class PipelineSettings(_Section):

@@ -633,6 +633,33 @@ def test_region_model_below_the_minimum_confidence_is_ignored(
         min_image_confidence=0.6,
     )
     assert (routing.region, routing.source) == (R.UNKNOWN, S.NONE)
+    # The reason is true: the classifier ran, and its answer and confidence are named.
+    assert routing.guess in (R.WRIST, R.HAND) and routing.guess_confidence == pytest.approx(0.5, abs=0.01)
+    assert routing.reason is not None
+    assert "region-test 0.0.1 said" in routing.reason
+    assert "below the minimum confidence 0.60" in routing.reason
+    assert routing.reason.startswith("no body part, anatomic code or description keyword names a region")
+
+
+def test_below_the_minimum_the_image_can_be_analysed_flagged(
+    keywords: KeywordTable, image: np.ndarray, region_model: Any
+) -> None:
+    from inference.routing import BelowMinimum
+
+    model = region_model((R.WRIST, R.HAND), temperature=1e6)
+    routing = route(
+        _facts(),
+        table=DEFAULT_GROUP_TABLE,
+        available=ALL,
+        keywords=keywords,
+        region_model=model,
+        image=image,
+        min_image_confidence=0.6,
+        below_minimum=BelowMinimum.ANALYSE_FLAGGED,
+    )
+    assert routing.region in (R.WRIST, R.HAND) and routing.source is S.IMAGE
+    assert routing.group is G.UPPER_DISTAL and routing.low_confidence
+    assert routing.confidence == pytest.approx(0.5, abs=0.01)
 
 
 def test_without_a_region_model_an_open_region_is_unknown(keywords: KeywordTable, image: np.ndarray) -> None:

@@ -25,7 +25,14 @@ from pydicom.errors import InvalidDicomError
 
 from inference.protocols import RegionClassifier
 from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup
-from inference.routing import KeywordFileError, load_keywords, needs_image, resolve_region, route_decision
+from inference.routing import (
+    BelowMinimum,
+    KeywordFileError,
+    load_keywords,
+    needs_image,
+    resolve_region,
+    route_decision,
+)
 from inference.values import RegionSource
 from node.cli import CliError
 from node.imaging import ImagingError, frame_count, header_facts, load_frames
@@ -75,6 +82,8 @@ class RouteLine:
     out_of_group: bool
     note: str | None
     pixels: str | None = None  # with --check-pixels: "ok" or the pixel error
+    guess: str | None = None  # the image classifier's answer, when it was asked
+    guess_confidence: float | None = None
 
 
 def _files(paths: Sequence[Path]) -> Iterator[Path]:
@@ -120,7 +129,13 @@ def route_files(args: argparse.Namespace, settings: Settings) -> int:
         for index in range(frame_count(ds)):
             image = frames[index].pixels if frames is not None else None
             routing = route_decision(
-                decision, table=table, available=available, region_model=region_model, image=image
+                decision,
+                table=table,
+                available=available,
+                region_model=region_model,
+                image=image,
+                min_image_confidence=settings.routing.min_image_confidence,
+                below_minimum=BelowMinimum(settings.routing.below_minimum),
             )
             note = routing.reason if routing.group is None else decision.detail
             if routing.source is RegionSource.IMAGE and routing.group is not None:
@@ -139,6 +154,10 @@ def route_files(args: argparse.Namespace, settings: Settings) -> int:
                     out_of_group=routing.out_of_group,
                     note=note,
                     pixels=None if not args.check_pixels else (pixel_error or "ok"),
+                    guess=None if routing.guess is None else routing.guess.value,
+                    guess_confidence=None
+                    if routing.guess_confidence is None
+                    else round(routing.guess_confidence, 3),
                 )
             )
     if not lines:
@@ -152,8 +171,9 @@ def route_files(args: argparse.Namespace, settings: Settings) -> int:
 
 def _as_dict(line: RouteLine) -> dict[str, object]:
     data = {name: getattr(line, name) for name in RouteLine.__dataclass_fields__}
-    if data["pixels"] is None:
-        del data["pixels"]
+    for optional in ("pixels", "guess", "guess_confidence"):
+        if data[optional] is None:
+            del data[optional]
     return data
 
 
