@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import secrets
 import socket
 import threading
@@ -58,6 +57,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from inference.regions import AnatomicalGroup
 from node import __version__
 from node.metrics import Metrics
+from node.uids import is_valid_uid
 from storage import repo
 from storage.db import Database
 from storage.views import WORKLIST_ORDER, OutboxState, StudyDetail, StudyState, StudyView
@@ -69,7 +69,6 @@ Readiness = Callable[[], Mapping[str, bool | str]]
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
 MAX_LIMIT: Final = 1000
 # PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 chars.
-_UID: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 
 class ApiError(Exception):
@@ -81,10 +80,6 @@ class ApiStartError(ApiError):
         super().__init__(f"HTTP API on {host}:{port}: {reason}")
         self.host = host
         self.port = port
-
-
-def is_valid_uid(value: str) -> bool:
-    return len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 def create_app(
