@@ -316,12 +316,20 @@ def test_malformed_uid_is_refused_before_any_query(tmp_path: Path) -> None:
         db.dispose()
 
 
-def test_uid_rule() -> None:
-    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.1")
-    assert is_valid_uid("2.25.0")
-    assert not is_valid_uid("1")
-    assert not is_valid_uid("1.02")
-    assert not is_valid_uid("1.2." + "3" * 61)
+def test_uid_rule_is_pydicoms() -> None:
+    import warnings
+
+    from pydicom.uid import UID
+
+    from node import uids
+
+    assert is_valid_uid is uids.is_valid_uid  # one rule, shared by ingest, spool, API and CLI
+    cases = ["1.2.840.10008.5.1.4.1.1.1", "2.25.0", "1", "1.02", "1.2." + "3" * 61, "1..2", "1.2.", "", " 1.2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in cases:
+            assert is_valid_uid(case) == UID(case).is_valid, case
+    assert not is_valid_uid("1.02") and not is_valid_uid(b"1.2")
 
 
 def test_token_guards_everything_but_health(guarded_api: Running) -> None:
