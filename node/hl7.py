@@ -44,15 +44,17 @@ Errors::
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
 import hl7
 from hl7.client import CR, EB, SB, MLLPClient
+from pydicom.dataset import Dataset
 
 from inference.priority import not_analysed_reason
 from inference.values import GroupResult, Outcome, Priority, StudyResult
+from node import received
 
 LOCAL_CODING: Final = "99FRN"
 DISCLAIMER: Final = (
@@ -67,6 +69,7 @@ _TQ1_PRIORITY: Final[dict[Priority, tuple[str, str]]] = {
 }
 _ACCEPTED_ACKS: Final = frozenset({"AA", "CA"})
 _MAX_ACK_BYTES: Final = 1 << 20
+_MAX_ACCESSION: Final = 16  # SH (PS3.5 6.2); OBR-3/OBR-18 hold more, a longer value is not one
 
 
 class Hl7Error(Exception):
@@ -88,6 +91,25 @@ class Hl7DeliveryError(Hl7Error):
         self.ack_code = ack_code
 
 
+def accession_number_of(sources: Iterable[Dataset]) -> str | None:
+    """The first Accession Number (0008,0050) among the study's source datasets, read with
+    :func:`node.received.text`: absent, empty or wrongly-typed values are skipped."""
+    for ds in sources:
+        found = clean_accession(received.text(ds, "AccessionNumber"))
+        if found is not None:
+            return found
+    return None
+
+
+def clean_accession(value: object) -> str | None:
+    """An accession number fit for OBR-3/OBR-18: text, no control characters, at most 16
+    characters; anything else is no accession number."""
+    if not isinstance(value, str):
+        return None
+    text = "".join(c for c in value if c.isprintable()).strip()
+    return text[:_MAX_ACCESSION] or None
+
+
 def hl7_timestamp(moment: datetime) -> str:
     """HL7 DTM with seconds and UTC offset, e.g. ``20240131154500+0000``."""
     if moment.tzinfo is None:
@@ -98,7 +120,7 @@ def hl7_timestamp(moment: datetime) -> str:
 def build_oru(
     result: StudyResult,
     *,
-    accession_number: str | None,
+    accession_number: object,
     sending_app: str,
     receiving_app: str,
     receiving_facility: str,
@@ -111,6 +133,8 @@ def build_oru(
 
     ``corrected``: whether an earlier result of this study was already sent (result status C
     instead of F); ``None`` derives it from the revision (revisions start at 1).
+    ``accession_number`` may be anything a dataset held: :func:`clean_accession` keeps text only
+    (use :func:`accession_number_of` to read it from the sources).
     """
     if not control_id or len(control_id) > 20 or not control_id.isascii() or any(
         c in control_id for c in "|^~\\&\r\n"
@@ -122,7 +146,7 @@ def build_oru(
     if corrected is None:
         corrected = result.revision > 1
     status = "C" if corrected else "F"
-    accession = accession_number or ""
+    accession = clean_accession(accession_number) or ""
 
     message = hl7.Message("\r")
     msh = _segment(message, "MSH")

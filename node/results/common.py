@@ -17,12 +17,18 @@ from pydicom.sr.codedict import codes
 
 from inference.modelcard import ModelCard, ModelKind
 from inference.values import ImageResult, StudyResult
+from node import received
+from node.results.sources import has_pixel_description, source_view
 
 MANUFACTURER = "fracnode"
 SERIES_DESCRIPTION = "AI fracture analysis \u2014 not for diagnostic use"
 SC_FOOTER = "AI result \u2014 not for diagnostic use"
 # UTF-8: the em dash above is outside ISO-IR 6 (PS3.5 6.1.2.5.2; "ISO_IR 192" is UTF-8).
 CHARACTER_SET = "ISO_IR 192"
+
+# The multi-frame IODs among the storage classes the node accepts (node.scp): the Multi-frame
+# Secondary Captures (PS3.3 A.8.2-A.8.5).
+MULTI_FRAME_CLASSES = frozenset(f"1.2.840.10008.5.1.4.1.1.7.{n}" for n in (1, 2, 3, 4))
 
 # Fixed series numbers, high so PACS viewers list the AI series after the acquired ones.
 SR_SERIES_NUMBER = 9901
@@ -64,9 +70,10 @@ def is_analysed(image: ImageResult) -> bool:
 
 
 def source_of(result: StudyResult, sources: Mapping[str, Dataset], sop_instance_uid: str) -> Dataset:
-    """The source dataset of an analysed image; its absence is a caller's bug."""
+    """The checked view (:func:`node.results.sources.source_view`) of an analysed image's
+    source dataset; its absence is a caller's bug."""
     try:
-        return sources[sop_instance_uid]
+        return source_view(sources[sop_instance_uid])
     except KeyError as exc:
         raise MissingSourceError(
             study_instance_uid=result.study_instance_uid, sop_instance_uid=sop_instance_uid
@@ -76,10 +83,12 @@ def source_of(result: StudyResult, sources: Mapping[str, Dataset], sop_instance_
 def referable(
     result: StudyResult, sources: Mapping[str, Dataset], images: Sequence[ImageResult]
 ) -> list[tuple[ImageResult, Dataset]]:
-    """``images`` (once per frame) with their sources, for references.
+    """``images`` (once per frame) with the checked views of their sources, for references.
 
-    An image that was not analysed may have no dataset (its file could not be read): it is left
-    out of the references, and its reason still goes into the report. An analysed image without
+    An image that was not analysed may have no dataset (its file could not be read), no valid
+    pixel description, or an error (it could not be decoded, it is too large, its model failed):
+    it is left out of the references, and its reason still goes into the report. An image that
+    was only routed elsewhere (no model for its region) is referenced. An analysed image without
     its dataset raises :class:`MissingSourceError`.
     """
     out: dict[tuple[str, int], tuple[ImageResult, Dataset]] = {}
@@ -94,15 +103,27 @@ def referable(
                     study_instance_uid=result.study_instance_uid, sop_instance_uid=image.sop_instance_uid
                 )
             continue
-        out[key] = (image, source)
+        view = source_view(source)
+        if not is_analysed(image) and (image.error is not None or not has_pixel_description(view)):
+            continue
+        out[key] = (image, view)
     return list(out.values())
 
 
 def evidence_of(result: StudyResult, sources: Mapping[str, Dataset]) -> list[Dataset]:
-    """The source datasets the result can refer to, each once, in first-mention order."""
+    """Checked views of every source dataset the result names, each once, in first-mention order.
+
+    Evidence (PS3.3 C.17.2.3) lists the study's instances, so an image that could not be decoded
+    is in it, by its UIDs only, although no content item refers to it.
+    """
     seen: dict[str, Dataset] = {}
-    for _, source in referable(result, sources, all_images(result)):
-        seen.setdefault(str(source.SOPInstanceUID), source)
+    for image in all_images(result):
+        source = sources.get(image.sop_instance_uid)
+        if source is None or image.sop_instance_uid in seen:
+            continue
+        view = source_view(source)
+        if "SOPInstanceUID" in view and "SOPClassUID" in view:
+            seen[image.sop_instance_uid] = view
     if not seen:
         raise NothingToReportError(
             "the result references no source image", study_instance_uid=result.study_instance_uid
@@ -140,8 +161,12 @@ def model_equipment(cards: Sequence[ModelCard]) -> list[ContributingEquipment]:
 
 
 def frame_numbers(source: Dataset, frame: int) -> list[int] | None:
-    """1-based Referenced Frame Number for a multi-frame source; None for a single-frame one."""
-    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+    """1-based Referenced Frame Number for a multi-frame source; None for a single-frame one,
+    and for an instance of a single-frame IOD whatever its Number of Frames claims (a reference
+    to a frame of it is invalid, PS3.3 C.12.1.1.4)."""
+    if received.text(source, "SOPClassUID") not in MULTI_FRAME_CLASSES:
+        return None
+    if (received.integer(source, "NumberOfFrames") or 1) > 1:
         return [frame + 1]
     return None
 
