@@ -12,41 +12,68 @@ Exceptions become statuses here and nowhere else:
 :class:`IngestError` (base, carries ``status``) ->
 :class:`UnreadableDatasetError` (0xC000), :class:`MissingUidError` (0xC001),
 :class:`InvalidUidError` (0xC003), :class:`SopClassMismatchError` (0xA900);
-:class:`node.spool.SpoolFullError` -> 0xA700; other spool or database failures -> 0x0110.
-Logs name the SOP class and status, never patient names or IDs.
+:class:`node.spool.SpoolFullError` -> 0xA700; other spool failures -> 0x0110.
+Database failures: :class:`storage.errors.StorageUnavailable` (SQLite "database or disk is full",
+a lock held past the busy timeout, PostgreSQL unreachable) -> 0xA700 Out of Resources, which a
+sender retries later; any other :class:`storage.errors.StorageError` -> 0x0110. Either way the
+spool file just written for a new instance is removed again, so no file is left without its
+row. Anything else raised while handling the request (a bug, or a parser failure nobody
+foresaw) -> 0x0110 as well: no exception reaches pynetdicom, whose own answer would be 0xC211.
+
+What "cannot understand" (0xC000) covers: a stream pydicom cannot parse whatever it raises
+(including ``RecursionError`` from undefined-length sequences nested past Python's stack), one
+cut short, a sequence nested deeper than :data:`MAX_NESTING` or that cannot be parsed, a
+deflated stream that inflates past ``max_inflated_bytes`` (a deflate bomb: the stream is inflated
+here with that bound, never by pynetdicom's unbounded ``zlib.decompress``), and a Modality or
+Body Part Examined that is not text (sent with a binary VR). A UID that is not text is invalid
+(0xC003).
+
+Logs name the SOP class, the status and the kind of failure (:func:`node.redact.safe_reason`),
+never a value of the dataset, a patient name or ID.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any
 
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
+from node import received
 from node.metrics import Metrics, sop_class_label
+from node.redact import safe_reason
 from node.spool import Spool, SpoolError, SpoolFullError, sha256_hex
 from node.status import StoreStatus
 from node.uids import is_valid_uid
 from storage import repo
 from storage.db import Database
-from storage.errors import StorageError
+from storage.errors import StorageError, StorageUnavailable
 from storage.views import AuditKind, AuditRecord, InstanceRecord, RecordOutcome
 
 log = logging.getLogger(__name__)
 
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
+# Sequences in a radiograph go a few levels deep (a code item's modifier); 16 is generous and
+# far below what Python's parser recursion tolerates.
+MAX_NESTING = 16
+# A deflated dataset larger than this once inflated is refused (PS3.5 A.5: deflate is for
+# non-pixel objects; a deflated radiograph of 100 Mpx at 16 bits is 200 MB).
+MAX_INFLATED_BYTES = 256 * 1024**2
 
 
 class IngestError(Exception):
@@ -81,31 +108,37 @@ class Identity:
     body_part: str | None
 
 
-def read_identity(stream: bytes, *, implicit_vr: bool, little_endian: bool, deflated: bool) -> Identity:
-    """Parse the top-level elements of an encoded dataset (no pixel decoding) and check it is whole."""
+_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def read_identity(
+    stream: bytes,
+    *,
+    implicit_vr: bool,
+    little_endian: bool,
+    deflated: bool,
+    max_inflated_bytes: int = MAX_INFLATED_BYTES,
+) -> Identity:
+    """Parse the top-level elements of an encoded dataset (no pixel decoding) and check it is whole.
+
+    Raises :class:`IngestError` subclasses only.
+    """
     try:
-        ds = decode(BytesIO(stream), implicit_vr, little_endian, deflated)
-        _check_complete(ds, stream, deflated)
-        values = {
-            k: _text(ds, k)
-            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-        }
-        modality = _text(ds, "Modality")
-        body_part = _text(ds, "BodyPartExamined")
+        if deflated:
+            stream = _inflate(stream, max_inflated_bytes)
+            implicit_vr, little_endian = False, True
+        ds = decode(BytesIO(stream), implicit_vr, little_endian, False)
+        _check_complete(ds, stream)
+        _check_nesting(ds, 1)
+        values = {keyword: _identity_text(ds, keyword, InvalidUidError, received.uid) for keyword in _UIDS}
+        modality = _identity_text(ds, "Modality", UnreadableDatasetError, received.text)
+        body_part = _identity_text(ds, "BodyPartExamined", UnreadableDatasetError, received.text)
     except IngestError:
         raise
-    except (
-        InvalidDicomError,
-        ValueError,
-        EOFError,
-        struct.error,
-        KeyError,
-        TypeError,
-        AttributeError,
-        OverflowError,
-        IndexError,
-        NotImplementedError,
-    ) as exc:
+    # pydicom's reader raises whatever the bytes provoke (ValueError, struct.error, OSError,
+    # BytesLengthException, RecursionError for nesting bombs...): all of it means the dataset
+    # cannot be understood. The exception's text may quote values: only its type is kept.
+    except Exception as exc:  # noqa: BLE001
         raise UnreadableDatasetError(f"the dataset cannot be parsed ({type(exc).__name__})") from exc
     for keyword, value in values.items():
         if not value:
@@ -117,19 +150,74 @@ def read_identity(stream: bytes, *, implicit_vr: bool, little_endian: bool, defl
         series_uid=values["SeriesInstanceUID"] or "",
         sop_uid=values["SOPInstanceUID"] or "",
         sop_class_uid=values["SOPClassUID"] or "",
-        modality=modality,
+        modality=(modality or "")[:16] or None,
         body_part=(body_part or "")[:64] or None,
     )
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
+def _identity_text(
+    ds: Dataset, keyword: str, not_text: type[IngestError], read: Callable[[Dataset, str], str | None]
+) -> str | None:
+    """``keyword`` read with ``read``; ``None`` when absent or empty; ``not_text`` raised when the
+    element holds something else (a binary VR, a sequence, several values)."""
+    if keyword not in ds or _is_empty(ds.get_item(keyword)):
         return None
-    return str(value).strip().rstrip("\x00")
+    value = read(ds, keyword)
+    if value is None:
+        raise not_text(f"{keyword} is not text")
+    return value
 
 
-def _check_complete(ds: Dataset, stream: bytes, deflated: bool) -> None:
+def _is_empty(element: DataElement | RawDataElement | None) -> bool:
+    if element is None:
+        return True
+    if isinstance(element, RawDataElement):
+        return element.length == 0
+    value: object = element.value
+    return value is None or value == "" or value == b"" or (isinstance(value, list) and not value)
+
+
+def _inflate(stream: bytes, limit: int) -> bytes:
+    """Deflated Explicit VR Little Endian (PS3.5 A.5) inflated, refused past ``limit`` bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(stream, limit + 1)
+    except zlib.error as exc:
+        raise UnreadableDatasetError("the deflated dataset cannot be inflated") from exc
+    if len(inflated) > limit or inflater.unconsumed_tail:
+        raise UnreadableDatasetError(f"the deflated dataset inflates to more than {limit} bytes")
+    return inflated
+
+
+def _is_sequence(tag: BaseTag, element: DataElement | RawDataElement) -> bool:
+    vr = element.VR
+    if vr is None:  # implicit VR: the dictionary's, and pydicom reads undefined length as SQ
+        if isinstance(element, RawDataElement) and element.length == _UNDEFINED_LENGTH:
+            return int(tag) != _PIXEL_DATA
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return False
+    return vr == "SQ"
+
+
+def _check_nesting(ds: Dataset, depth: int) -> None:
+    """Parse every sequence (pydicom defers defined-length ones) down to :data:`MAX_NESTING`."""
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag)
+        if element is None or not _is_sequence(tag, element):
+            continue
+        if depth > MAX_NESTING:
+            raise UnreadableDatasetError(f"sequences nested deeper than {MAX_NESTING} levels")
+        value = ds[tag].value
+        if not isinstance(value, Sequence):
+            continue
+        for item in value:
+            if isinstance(item, Dataset):
+                _check_nesting(item, depth + 1)
+
+
+def _check_complete(ds: Dataset, stream: bytes) -> None:
     """pydicom reads a truncated stream silently: check declared lengths against what arrived."""
     if len(ds) == 0:
         raise UnreadableDatasetError("the dataset holds no elements")
@@ -142,7 +230,7 @@ def _check_complete(ds: Dataset, stream: bytes, deflated: bool) -> None:
                 f"element {tag} is truncated ({len(raw.value)} of {raw.length} bytes)"
             )
     pixel = ds.get_item(0x7FE00010)
-    if isinstance(pixel, RawDataElement) and pixel.length == _UNDEFINED_LENGTH and not deflated:
+    if isinstance(pixel, RawDataElement) and pixel.length == _UNDEFINED_LENGTH:
         last_tag = max(ds.keys())
         if last_tag == 0x7FE00010 and not stream.endswith(_SEQUENCE_DELIMITER):
             raise UnreadableDatasetError("encapsulated pixel data ends without its sequence delimiter")
@@ -179,26 +267,41 @@ class StoreHandler:
         db: Database,
         metrics: Metrics,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        max_inflated_bytes: int = MAX_INFLATED_BYTES,
     ) -> None:
         self.spool = spool
         self.db = db
         self.metrics = metrics
         self.clock = clock
+        self.max_inflated_bytes = max_inflated_bytes
         self._tallies: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
 
     # -- C-STORE ---------------------------------------------------------------------------
     def handle_store(self, event: Any) -> int:
         started = time.perf_counter()
-        context = event.context
-        request = event.request
         tally = self._tally(event.assoc)
-        stream: bytes = event.encoded_dataset(include_meta=False)
-        label = sop_class_label(str(request.AffectedSOPClassUID))
-        status, outcome = self._store(event, stream, context, request, tally)
+        label = "unknown"
+        size = 0
+        try:
+            request = event.request
+            label = sop_class_label(str(request.AffectedSOPClassUID))
+            stream: bytes = event.encoded_dataset(include_meta=False)
+            size = len(stream)
+            status, outcome = self._store(event, stream, event.context, request, tally)
+        # The one place nothing may escape: pynetdicom would answer 0xC211 and log the
+        # traceback with whatever the exception quotes.
+        except Exception as exc:  # noqa: BLE001
+            log.error(
+                "C-STORE from %s failed: %s -> 0x%04X",
+                tally.calling_ae,
+                safe_reason(exc),
+                StoreStatus.PROCESSING_FAILURE,
+            )
+            status, outcome = StoreStatus.PROCESSING_FAILURE, "failed"
         self.metrics.instances_received.labels(sop_class=label, outcome=outcome).inc()
         if status == StoreStatus.SUCCESS:
-            self.metrics.bytes_received.inc(len(stream))
+            self.metrics.bytes_received.inc(size)
         self.metrics.store_seconds.observe(time.perf_counter() - started)
         with self._lock:
             tally.statuses[int(status)] = tally.statuses.get(int(status), 0) + 1
@@ -222,6 +325,7 @@ class StoreHandler:
                 implicit_vr=syntax.is_implicit_VR,
                 little_endian=syntax.is_little_endian,
                 deflated=syntax.is_deflated,
+                max_inflated_bytes=self.max_inflated_bytes,
             )
             if identity.sop_class_uid != str(request.AffectedSOPClassUID):
                 raise SopClassMismatchError("the dataset's SOP Class UID differs from the request's")
@@ -235,10 +339,21 @@ class StoreHandler:
 
         digest = sha256_hex(stream)
         try:
-            if repo.existing_sha256(self.db, identity.sop_uid) == digest:
-                return StoreStatus.SUCCESS, "duplicate"
+            previous = repo.existing_sha256(self.db, identity.sop_uid)
+        except StorageError as exc:
+            return self._database_failed(exc)
+        if previous == digest:
+            return StoreStatus.SUCCESS, "duplicate"
+        try:
             data = event.encoded_dataset(include_meta=True)
             stored = self.spool.write(identity.study_uid, identity.series_uid, identity.sop_uid, data)
+        except SpoolFullError as exc:
+            log.error("C-STORE refused: %s -> 0x%04X", exc, StoreStatus.OUT_OF_RESOURCES)
+            return StoreStatus.OUT_OF_RESOURCES, "out_of_resources"
+        except SpoolError as exc:
+            log.error("C-STORE failed: %s -> 0x%04X", exc, StoreStatus.PROCESSING_FAILURE)
+            return StoreStatus.PROCESSING_FAILURE, "failed"
+        try:
             result = repo.record_instance(
                 self.db,
                 InstanceRecord(
@@ -256,12 +371,10 @@ class StoreHandler:
                     received_at=self.clock(),
                 ),
             )
-        except SpoolFullError as exc:
-            log.error("C-STORE refused: %s -> 0x%04X", exc, StoreStatus.OUT_OF_RESOURCES)
-            return StoreStatus.OUT_OF_RESOURCES, "out_of_resources"
-        except (SpoolError, StorageError) as exc:
-            log.error("C-STORE failed: %s -> 0x%04X", exc, StoreStatus.PROCESSING_FAILURE)
-            return StoreStatus.PROCESSING_FAILURE, "failed"
+        except StorageError as exc:
+            if previous is None:
+                self._discard_unrecorded(stored.relative_path, identity.sop_uid)
+            return self._database_failed(exc)
         if result.reopened:
             log.info("a late instance re-opened a processed study (now revision %d)", result.revision)
         return StoreStatus.SUCCESS, {
@@ -269,6 +382,31 @@ class StoreHandler:
             RecordOutcome.DUPLICATE: "duplicate",
             RecordOutcome.REPLACED: "replaced",
         }[result.outcome]
+
+    def _database_failed(self, exc: StorageError) -> tuple[StoreStatus, str]:
+        """StorageUnavailable (disk full, lock timeout, no connection): Out of Resources, which a
+        sender retries later; any other database error: processing failure."""
+        if isinstance(exc, StorageUnavailable):
+            log.error(
+                "C-STORE refused, database unavailable: %s -> 0x%04X", exc, StoreStatus.OUT_OF_RESOURCES
+            )
+            return StoreStatus.OUT_OF_RESOURCES, "out_of_resources"
+        log.error("C-STORE failed, database error: %s -> 0x%04X", exc, StoreStatus.PROCESSING_FAILURE)
+        return StoreStatus.PROCESSING_FAILURE, "failed"
+
+    def _discard_unrecorded(self, relative_path: str, sop_uid: str) -> None:
+        """Remove the file of a new instance whose row could not be written, unless another
+        association recorded the same instance meanwhile (then the file is its)."""
+        try:
+            recorded = repo.existing_sha256(self.db, sop_uid) is not None
+        except StorageError:
+            recorded = False  # the database is down: nobody else recorded it either
+        if recorded:
+            return
+        try:
+            self.spool.discard(relative_path)
+        except OSError as exc:
+            log.error("could not remove an unrecorded spool file: %s", safe_reason(exc))
 
     # -- association bookkeeping -----------------------------------------------------------
     def _tally(self, assoc: Any) -> _AssociationTally:

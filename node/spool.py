@@ -105,6 +105,19 @@ class Spool:
     def read(self, relative_path: str) -> bytes:
         return (self.root / relative_path).read_bytes()
 
+    def discard(self, relative_path: str) -> None:
+        """Remove a file that was written but never acknowledged (its database row could not be
+        written), and the series and study directories it leaves empty. Raises OSError."""
+        final = self.root / relative_path
+        final.unlink(missing_ok=True)
+        directory = final.parent
+        while directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:
+                break  # not empty (another instance of the series), or already gone
+            directory = directory.parent
+
     def probe_write(self) -> None:
         """Create, write and remove a small file in the spool's temporary folder (readiness);
         raises OSError when the spool cannot be written."""

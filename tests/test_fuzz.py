@@ -138,12 +138,6 @@ def _us(value: int) -> bytes:
     return struct.pack("<H", value)
 
 
-_FRAMES_BUG = (
-    "node/results/sr.py _source_images passes frame numbers for a NOT ANALYSED image whose NumberOfFrames "
-    "is absurd; highdicom raises TypeError (not a multi-frame dataset) and the study is given up instead "
-    "of ending NOT ANALYSED with the pixel-limit reason"
-)
-
 REGRESSIONS = [
     # Type 2 attributes absent: readers must tolerate them (issue 11, item 1).
     Regression("no AccessionNumber", _drop("AccessionNumber"), "analysed"),
@@ -152,13 +146,7 @@ REGRESSIONS = [
     Regression("no StudyTime", _drop("StudyTime"), "analysed"),
     Regression("no StudyID", _drop("StudyID"), "analysed"),
     Regression("no PatientName or PatientBirthDate", _drop("PatientName", "PatientBirthDate"), "analysed"),
-    Regression(
-        "no Modality",
-        _drop("Modality"),
-        "done",
-        open_bug="node/results/sr.py: highdicom SourceImageForMeasurementGroup.from_source_image reads "
-        "dataset.Modality -> AttributeError; the study is given up after 3 attempts",
-    ),
+    Regression("no Modality", _drop("Modality"), "done"),
     Regression("no SamplesPerPixel", _drop("SamplesPerPixel"), "done"),
     Regression("no BitsStored", _drop("BitsStored"), "done"),
     Regression("no pixel description", _drop("PhotometricInterpretation", "Rows"), "not_analysed"),
@@ -185,14 +173,8 @@ REGRESSIONS = [
         ),
         "not_analysed",
         reason="pixels",
-        open_bug=_FRAMES_BUG,
     ),
-    Regression(
-        "NumberOfFrames 2147483647",
-        _put("NumberOfFrames", "IS", b"2147483647"),
-        "not_analysed",
-        open_bug=_FRAMES_BUG,
-    ),
+    Regression("NumberOfFrames 2147483647", _put("NumberOfFrames", "IS", b"2147483647"), "not_analysed"),
     # UIDs that are not PS3.5 9.1 UIDs must be refused at C-STORE, not normalised.
     Regression(
         "StudyInstanceUID with a leading zero component",
@@ -205,7 +187,6 @@ REGRESSIONS = [
         "StudyInstanceUID with a leading space",
         _put("StudyInstanceUID", "UI", b" 1.2.3"),
         "refused",
-        open_bug="node/ingest.py strips spaces around a UID before checking it: ' 1.2.3' is stored",
         batch_label="=' 1.2.3'",
     ),
     Regression(
@@ -213,7 +194,6 @@ REGRESSIONS = [
         _put("SOPInstanceUID", "UI", b"1.2.3\n"),
         "refused",
         sop_uid="1.2.3\n",
-        open_bug="node/ingest.py strips whitespace around a UID before checking it, so '1.2.3\\n' is stored",
         batch_label="='1.2.3\\n'",
     ),
 ]
