@@ -10,8 +10,10 @@ Four layouts are understood, and :func:`load_source` tells them apart:
 - **MURA v1.1** (``*_image_paths.csv``, ``*_labeled_studies.csv``,
   ``XR_<REGION>/patient*/study*_{positive,negative}/``): study-level labels, given to every
   image of the study.
-- **CSV** (``path,label,region[,study_id][,split]``): a site's own data; paths relative to the
-  CSV's folder; an empty label means unknown.
+- **CSV** (``path,label,region[,study_id][,split][,boxes]``): a site's own data; paths relative
+  to the CSV's folder; an empty label means unknown; ``boxes``, when present, the image's fracture
+  boxes as normalised ``x0 y0 x1 y1`` in [0, 1], several separated by ``;`` (for box operating
+  points and localisation).
 
 Pixels are read by :func:`read_image` as grey float32 in [0, 1]; truncated JPEGs (see the
 datasets README) decode with what their scan holds.
@@ -320,8 +322,26 @@ def load_mura(root: Path, split: str | None = None) -> list[LabelledImage]:
     return out
 
 
+def parse_csv_boxes(text: str, path: Path, row: int) -> tuple[NormalisedBox, ...]:
+    """``"x0 y0 x1 y1; ..."`` (normalised, x1 > x0 and y1 > y0 within [0, 1]) into boxes."""
+    boxes: list[NormalisedBox] = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        try:
+            x0, y0, x1, y1 = (float(v) for v in part.split())
+        except ValueError as exc:
+            raise DatasetError(f"bad box {part.strip()!r} (expected 'x0 y0 x1 y1')", path, row) from exc
+        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+            raise DatasetError(
+                f"box {part.strip()!r} is not normalised x0 < x1, y0 < y1 in [0, 1]", path, row
+            )
+        boxes.append((x0, y0, x1, y1))
+    return tuple(boxes)
+
+
 def load_csv(path: Path, split: str | None = None) -> list[LabelledImage]:
-    """A site's own list: ``path,label,region[,study_id][,split]``, paths relative to the CSV."""
+    """A site's own list: ``path,label,region[,study_id][,split][,boxes]``, paths relative to the CSV."""
     if not path.is_file():
         raise DatasetError("no such CSV file", path)
     rows = _read_rows(path)
@@ -345,7 +365,7 @@ def load_csv(path: Path, split: str | None = None) -> list[LabelledImage]:
                 region=_region(row["region"] or "", path, number),
                 study_id=(row.get("study_id") or "").strip() or str(image),
                 split=row_split,
-                boxes=(),
+                boxes=parse_csv_boxes(row.get("boxes") or "", path, number),
                 source=SOURCE_CSV,
             )
         )

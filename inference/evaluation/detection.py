@@ -17,6 +17,12 @@ at once: AP, FROC and the operating points all read the same ranked list.
 - **Levels** (FAMO study): per fracture (box recall and precision at an operating point), per
   image (an image is called positive when any box reaches the threshold; its score is its top
   box confidence, 0 without boxes) and per case (the same with the maximum over a case's images).
+- **Localisation** (issue 12's target): at IoU 0.3 and 0.5, the recall reached with at most
+  0.5 false-positive boxes per image over all images, negatives included (:func:`recall_at_budget`,
+  with its Wilson interval and the confidence that reaches it), a FROC table at 0.1 ... 2 false
+  positives per image, and box recall, precision and false positives per image at each box
+  operating point (:func:`localisation`). Each image may be held to its own thresholds (the
+  node holds each group's boxes to its own localiser's points): :func:`held_to`.
 
 Errors::
 
@@ -48,6 +54,9 @@ NormalisedBox = tuple[float, float, float, float]
 COCO_IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 FROC_RATES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_IOU = 0.5
+LOCALISATION_IOUS: tuple[float, ...] = (0.3, 0.5)
+LOCALISATION_RATES: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0)
+FP_BUDGET = 0.5  # false-positive boxes per image of the issue-12 target
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,4 +336,123 @@ def detection_metrics(
         case_level=classification_metrics(
             cases.labels, cases.scores, thresholds, resamples=resamples, seed=seed, confidence=confidence
         ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# localisation: recall within a false-positive budget, over all images
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRecall:
+    """The most fractures found with at most ``budget`` false-positive boxes per image."""
+
+    budget: float
+    iou: float
+    recall: Interval  # Wilson interval on hits / fracture boxes
+    hits: int
+    lesions: int
+    false_positives_per_image: float  # at the confidence reached
+    threshold: float  # the lowest box confidence counted; inf when no box fits the budget
+
+
+@dataclass(frozen=True, slots=True)
+class Localisation:
+    """Boxes against fracture boxes at one IoU, every image counted (negatives give only FPs)."""
+
+    iou: float
+    images: int
+    negatives: int
+    lesions: int
+    target: BudgetRecall
+    recall_at: tuple[tuple[float, float], ...]  # (FP per image, recall): the FROC table
+    points: tuple[LesionLevel, ...]  # at the box operating points
+
+
+def recall_at_budget(
+    images: Sequence[ImageDetections],
+    iou_threshold: float,
+    budget: float = FP_BUDGET,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> BudgetRecall:
+    """The highest recall over confidence thresholds whose false positives per image stay within
+    ``budget`` (the FROC read at ``budget``), with the threshold that reaches it."""
+    ranking = rank(images, iou_threshold)
+    tp, fp, thresholds = _threshold_points(ranking)
+    count = max(ranking.images, 1)
+    inside = np.flatnonzero(fp / count <= budget + 1e-12)
+    if inside.size == 0 or ranking.lesions == 0:
+        hits, fppi, threshold = 0, 0.0, math.inf
+    else:
+        last = int(inside[-1])  # tp never decreases as the threshold falls
+        hits, fppi, threshold = int(tp[last]), float(fp[last]) / count, float(thresholds[last])
+    return BudgetRecall(
+        budget=float(budget),
+        iou=float(iou_threshold),
+        recall=wilson_interval(hits, ranking.lesions, confidence),
+        hits=hits,
+        lesions=ranking.lesions,
+        false_positives_per_image=fppi,
+        threshold=threshold,
+    )
+
+
+def held_to(images: Sequence[ImageDetections], thresholds: Sequence[float]) -> list[ImageDetections]:
+    """Each image with only its boxes at or above its own threshold."""
+    if len(images) != len(thresholds):
+        raise MetricsError(f"{len(thresholds)} thresholds for {len(images)} images")
+    return [
+        ImageDetections(
+            image.image_id,
+            image.case_id,
+            image.label,
+            image.truth,
+            tuple(b for b in image.predictions if b.score >= t),
+        )
+        for image, t in zip(images, thresholds, strict=True)
+    ]
+
+
+def localisation(
+    images: Sequence[ImageDetections],
+    points: Sequence[tuple[str, float | Sequence[float]]],
+    iou_threshold: float,
+    *,
+    budget: float = FP_BUDGET,
+    rates: Sequence[float] = LOCALISATION_RATES,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> Localisation:
+    """Recall within the FP budget, the FROC table and the box operating points at one IoU.
+
+    A point's threshold is one number, or one per image (the node's per-group points).
+    """
+    levels = []
+    for name, threshold in points:
+        if isinstance(threshold, int | float):
+            levels.append(lesion_level(images, name, float(threshold), iou_threshold, confidence))
+        else:
+            values = [float(t) for t in threshold]
+            level = lesion_level(held_to(images, values), name, 0.0, iou_threshold, confidence)
+            same = bool(values) and all(v == values[0] for v in values)
+            levels.append(
+                LesionLevel(
+                    name=level.name,
+                    threshold=values[0] if same else math.nan,
+                    true_positives=level.true_positives,
+                    false_positives=level.false_positives,
+                    lesions=level.lesions,
+                    precision=level.precision,
+                    recall=level.recall,
+                    false_positives_per_image=level.false_positives_per_image,
+                )
+            )
+    curve = froc(images, iou_threshold, rates)
+    return Localisation(
+        iou=float(iou_threshold),
+        images=len(images),
+        negatives=sum(1 for image in images if image.label == 0),
+        lesions=sum(len(image.truth) for image in images),
+        target=recall_at_budget(images, iou_threshold, budget, confidence),
+        recall_at=curve.recall_at,
+        points=tuple(levels),
     )

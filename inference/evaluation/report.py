@@ -283,6 +283,153 @@ def _detector_sections(model: Mapping[str, Any], figures: Sequence[str]) -> list
     return lines
 
 
+def _probability(value: float) -> str:
+    """A threshold on a probability: 4 decimals, more where it sits next to 0 or 1."""
+    return f"{value:.4f}" if 0.001 <= value <= 0.999 else f"{value:.6g}"
+
+
+def _budget_text(target: Mapping[str, Any]) -> str:
+    text = _ci(target["recall"], 3)
+    if target.get("threshold") is not None:
+        text += f" [box p >= {_probability(target['threshold'])}]"
+    return text
+
+
+def localisation_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Localisation rows as Markdown: the FP-budget recall at each IoU, the FROC tables and the
+    box operating points."""
+    if not rows:
+        return []
+    first = rows[0]["by_iou"]
+    budget = first[0]["target"]["budget"]
+    ious = [entry["iou"] for entry in first]
+    lines = [
+        "Boxes against the fracture boxes; every image of the row counts, negatives included (their "
+        f"boxes are false positives). A hit is IoU >= the stated overlap with a fracture box, one hit "
+        f"per fracture box. Target (issue 12): recall >= 0.70 at <= {budget:g} false-positive boxes per "
+        "image, IoU 0.3.",
+        "",
+    ]
+    header = ["subset", "images", "negatives", "fracture boxes"]
+    header += [f"recall at <= {budget:g} FP/image, IoU {iou:g}" for iou in ious]
+    table = []
+    for row in rows:
+        entry = row["by_iou"][0]
+        table.append(
+            [
+                _subset_name(row["subset"]),
+                str(entry["images"]),
+                str(entry["negatives"]),
+                str(entry["lesions"]),
+            ]
+            + [_budget_text(e["target"]) for e in row["by_iou"]]
+        )
+    lines += _table(header, table)
+    rates = [rate for rate, _ in first[0]["recall_at"]]
+    froc_header = ["subset"] + [
+        f"IoU {iou:g}: recall at {' / '.join(f'{r:g}' for r in rates)} FP/image" for iou in ious
+    ]
+    froc_rows = [
+        [_subset_name(row["subset"])]
+        + [" / ".join(_num(value, 2) for _, value in e["recall_at"]) for e in row["by_iou"]]
+        for row in rows
+    ]
+    lines += ["FROC (recall at each false-positive rate per image):", ""] + _table(froc_header, froc_rows)
+    for index, point in enumerate(first[0]["points"]):
+        threshold = point["threshold"]
+        rule = (
+            "each group at its localiser's threshold"
+            if threshold is None
+            else f"box p >= {_probability(threshold)}"
+        )
+        lines += [f"Box operating point `{point['name']}` ({rule}):", ""]
+        point_header = ["subset"]
+        for iou in ious:
+            point_header += [f"recall, IoU {iou:g}", f"FP/image, IoU {iou:g}"]
+        point_header.append(f"box precision, IoU {ious[0]:g}")
+        point_rows = []
+        for row in rows:
+            cells = [_subset_name(row["subset"])]
+            for e in row["by_iou"]:
+                level = e["points"][index]
+                cells += [_ci(level["recall"], 2), _num(level["false_positives_per_image"], 2)]
+            cells.append(_ci(row["by_iou"][0]["points"][index]["precision"], 2))
+            point_rows.append(cells)
+        lines += _table(point_header, point_rows)
+    return lines
+
+
+def _share(interval: Mapping[str, Any]) -> str:
+    return _ci(interval, 3)
+
+
+def shift_markdown(shift: Mapping[str, Any], groups: bool = True) -> list[str]:
+    """How far the negatives' probabilities move under each source change, per probability source."""
+    described = "; ".join(f"`{s['name']}`: {s['description']}" for s in shift["shifts"])
+    lines = [
+        f"Each of the {shift['negatives']} negatives read again under each source change ({described}). "
+        "|Δp| is the change of its calibrated probability; *up* is the share of negatives newly called "
+        "positive at the point, *down* the share no longer called (Wilson 95 % intervals).",
+        "",
+    ]
+    for report in shift["reports"]:
+        title = "The node (each group's deciding probability)" if report["name"] == "node" else report["name"]
+        lines += [f"**{title}**", ""]
+        names = [c["name"] for c in report["rows"][0]["crossings"]] if report["rows"] else []
+        header = ["subset", "change", "negatives", "median |Δp|", "90th pct |Δp|", "mean Δp"]
+        for name in names:
+            header += [f"{name}: called before -> after", f"{name}: up", f"{name}: down"]
+        rows = []
+        for row in report["rows"]:
+            if not groups and row["subset"]["scope"] != Scope.OVERALL.value:
+                continue
+            cells = [
+                _subset_name(row["subset"]),
+                row["shift"],
+                str(row["negatives"]),
+                _num(row["median_abs_delta"]),
+                _num(row["p90_abs_delta"]),
+                _num(row["mean_delta"]),
+            ]
+            for crossing in row["crossings"]:
+                cells += [
+                    f"{_num(crossing['called_before'], 3)} -> {_num(crossing['called_after'], 3)}",
+                    _share(crossing["up"]),
+                    _share(crossing["down"]),
+                ]
+            rows.append(cells)
+        lines += _table(header, rows)
+    return lines
+
+
+def second_source_markdown(second: Mapping[str, Any], regions: bool = True) -> list[str]:
+    """Sensitivity at both operating points (and box recall) on a source with positives only."""
+    source = second["source"]
+    lines = [
+        f"Second source `{source['name']}` ({source['layout']}): {source['positives']} images with a "
+        f"fracture box; it has no confirmed negatives, so only sensitivity is measured (never "
+        "specificity).",
+        "",
+    ]
+    for report in second["reports"]:
+        title = "The node (each group's deciding model)" if report["name"] == "node" else report["name"]
+        lines += [f"**{title}**", ""]
+        names = [p["name"] for p in report["rows"][0]["points"]] if report["rows"] else []
+        boxes = [b["name"] for b in report["rows"][0]["boxes"]] if report["rows"] else []
+        header = ["subset", "fractured images", "median p"] + [f"sensitivity at {n}" for n in names]
+        header += [f"box recall at {n} (IoU 0.3)" for n in boxes]
+        rows = []
+        for row in report["rows"]:
+            if not regions and row["subset"]["scope"] == Scope.REGION.value:
+                continue
+            cells = [_subset_name(row["subset"]), str(row["positives"]), _num(row["median_probability"])]
+            cells += [_ci(point["sensitivity"]) for point in row["points"]]
+            cells += [_ci(box["recall"], 2) for box in row["boxes"]]
+            rows.append(cells)
+        lines += _table(header, rows)
+    return lines
+
+
 def matrix_markdown(matrix: Mapping[str, Any]) -> list[str]:
     """The transfer matrix as Markdown tables: AUROC, accuracy, and the relation summary."""
     regions = matrix["regions"]
@@ -346,6 +493,16 @@ def report_markdown(data: Mapping[str, Any]) -> str:
             "",
         ]
         lines += _classifier_sections(node, [])
+        if node.get("localisation"):
+            localisers = ", ".join(f"{group}: {name}" for group, name in node["localisers"])
+            lines += [
+                "### The node's boxes",
+                "",
+                f"Each image's boxes come from its group's localiser ({localisers}) and are held to that "
+                "localiser's box operating points, as the SC and SR show them.",
+                "",
+            ]
+            lines += localisation_markdown(node["localisation"])
     for model in data["models"]:
         card = model["card"]
         served = model["served"]
@@ -361,10 +518,24 @@ def report_markdown(data: Mapping[str, Any]) -> str:
             "",
         ]
         figures = model.get("figures", [])
+        if model.get("members"):
+            lines += [
+                f"A logistic stack of {' and '.join(model['members'])} (the map model card's `stack`); "
+                "its boxes are the map model's.",
+                "",
+            ]
         if card["kind"] == "detector":
             lines += _detector_sections(model, figures)
         else:
             lines += _classifier_sections(model, figures)
+        if model.get("localisation"):
+            lines += ["#### Localisation", ""] + localisation_markdown(model["localisation"])
+    if data.get("second_source"):
+        lines += ["## A second source: sensitivity per region", ""] + second_source_markdown(
+            data["second_source"]
+        )
+    if data.get("source_shift"):
+        lines += ["## Source changes: how far the negatives move", ""] + shift_markdown(data["source_shift"])
     if data.get("matrix"):
         lines += ["## Cross-region transfer matrix", ""] + matrix_markdown(data["matrix"])
         lines += [f"![transfer matrix]({FIGURES}/{name})" for name in data["matrix"].get("figures", [])] + [
@@ -391,6 +562,43 @@ def _docs_row(subset: Mapping[str, Any], metrics: Mapping[str, Any], extra: str)
     ]
 
 
+def _docs_box_cell(row: Mapping[str, Any]) -> str:
+    budget = row["by_iou"][0]["target"]["budget"]
+    parts = [f"IoU {e['iou']:g} {_ci(e['target']['recall'], 2)}" for e in row["by_iou"]]
+    return f"box recall at <= {budget:g} FP/image: " + ", ".join(parts)
+
+
+def _docs_localisation(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    table = []
+    for row in rows:
+        if row["subset"]["scope"] == Scope.REGION.value:
+            continue
+        entry = row["by_iou"][0]
+        points = "; ".join(
+            f"{p['name']}: recall {_ci(p['recall'], 2)}, FP/image {_num(p['false_positives_per_image'], 2)}"
+            for p in entry["points"]
+        )
+        table.append(
+            [
+                _subset_name(row["subset"]),
+                str(entry["images"]),
+                str(entry["lesions"]),
+                _docs_box_cell(row),
+                points,
+            ]
+        )
+    return _table(
+        [
+            "subset",
+            "images",
+            "fracture boxes",
+            "target measure",
+            f"box points (IoU {rows[0]['by_iou'][0]['iou']:g})",
+        ],
+        table,
+    )
+
+
 def docs_section(data: Mapping[str, Any]) -> str:
     """A short summary for ``docs/evaluation.md``: overall and per-group rows of each model."""
     source = data["source"]
@@ -411,10 +619,15 @@ def docs_section(data: Mapping[str, Any]) -> str:
             if row["subset"]["scope"] != Scope.REGION.value
         ]
         lines += _table(_DOCS_HEADER, node_rows)
+        if node.get("localisation"):
+            localisers = ", ".join(f"{group}: {name}" for group, name in node["localisers"])
+            lines += [f"**The node's boxes** ({localisers})", ""]
+            lines += _docs_localisation(node["localisation"])
     for model in data["models"]:
         card = model["card"]
         lines += [f"**{_model_title(card)}**", ""]
         rows = []
+        boxes = {_subset_name(r["subset"]): r for r in model.get("localisation") or []}
         for row in model["rows"]:
             if row["subset"]["scope"] == Scope.REGION.value:
                 continue
@@ -424,9 +637,17 @@ def docs_section(data: Mapping[str, Any]) -> str:
                 extra = f"mAP@0.5 {_num(found['map50'])}"
             else:
                 metrics = row["image"]
-                extra = f"ECE {_ci(metrics['ece'])}"
+                extra = f"ECE {_ci(metrics['ece'])}, Brier {_ci(metrics['brier'])}"
+            located = boxes.get(_subset_name(row["subset"]))
+            if located is not None:
+                extra += "; " + _docs_box_cell(located)
             rows.append(_docs_row(row["subset"], metrics, extra))
         lines += _table(_DOCS_HEADER, rows)
+    if data.get("second_source"):
+        lines += ["A second source:", ""] + second_source_markdown(data["second_source"])
+    if data.get("source_shift"):
+        lines += ["Source changes (overall rows; per group in the report):", ""]
+        lines += shift_markdown(data["source_shift"], groups=False)
     if data.get("matrix"):
         lines += ["Cross-region transfer matrix:", ""] + matrix_markdown(data["matrix"])
     return "\n".join(lines).rstrip() + "\n"
@@ -562,7 +783,8 @@ def draw_model_figures(
         counts.set(xlabel="predicted probability (10 bins)", ylabel="images")
         written.append(_save(figure, directory / f"{stem}_reliability.png").name)
 
-    if run.boxes is not None and run.indices.size:
+    if run.boxes is not None and run.indices.size and not run.is_stack:
+        overlap = 0.3 if run.card.kind.value == "segmenter" else 0.5
         figure = _figure()
         axes = figure.add_subplot()
         for subset, positions in subsets_of(images, run.indices, home_groups(run.card, table), table):
@@ -571,7 +793,7 @@ def draw_model_figures(
             found = detections_of(images, run, positions)
             if not any(d.truth for d in found):
                 continue
-            lesions = froc(found)
+            lesions = froc(found, overlap)
             name = "all" if subset.scope == Scope.OVERALL else subset.name
             axes.step(
                 lesions.fp_per_image, lesions.sensitivity, where="post", label=f"{name} (n={len(found)})"
@@ -580,7 +802,7 @@ def draw_model_figures(
             axes.axvline(rate, color="grey", linewidth=0.5, linestyle=":")
         axes.set(
             xlabel="false positives per image",
-            ylabel="fraction of fractures found (IoU >= 0.5)",
+            ylabel=f"fraction of fractures found (IoU >= {overlap:g})",
             xlim=(0, 2),
             ylim=(0, 1),
             title=f"FROC: {run.card.name}",

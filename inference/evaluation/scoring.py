@@ -7,7 +7,13 @@ Units and levels:
   :func:`inference.evaluation.aggregate.aggregate_probabilities`, the node's own function;
   a study is positive when any of its images is;
 - detectors add the FAMO levels (per fracture, per image, per case) of
-  :mod:`inference.evaluation.detection`.
+  :mod:`inference.evaluation.detection`;
+- fracture-map models (kind ``segmenter``) get the classifier rows for their image probability
+  and, like detectors, **localisation** rows: at IoU 0.3 and 0.5, the recall within 0.5
+  false-positive boxes per image over all images of the row (negatives included), the FROC table
+  and box recall / FP per image at the card's box operating points;
+- a stack (:func:`inference.evaluation.runner.stack_run`) gets the classifier rows (its boxes are
+  its map model's, reported there).
 
 An image that shows several regions (FracAtlas marks some) counts in each of their region and
 group rows, once in the overall row. A row is flagged ``out_of_group`` when the model was not
@@ -29,7 +35,14 @@ from numpy.typing import NDArray
 from inference.calibration import CalibrationError, fit_temperature
 from inference.decision import UNCALIBRATED_THRESHOLD
 from inference.evaluation.aggregate import AggregationMethod, aggregate_studies
-from inference.evaluation.detection import DetectionMetrics, ImageDetections, detection_metrics
+from inference.evaluation.detection import (
+    LOCALISATION_IOUS,
+    DetectionMetrics,
+    ImageDetections,
+    Localisation,
+    detection_metrics,
+    localisation,
+)
 from inference.evaluation.metrics import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -43,7 +56,7 @@ from inference.evaluation.metrics import (
     reliability,
 )
 from inference.evaluation.runner import EvalImage, ModelRun, thresholds_of, uncalibrated
-from inference.modelcard import ModelCard, ModelKind
+from inference.modelcard import HIGH_SENSITIVITY, HIGH_SPECIFICITY, ModelCard, ModelKind
 from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup, GroupTable, Region
 
 
@@ -84,6 +97,12 @@ class DetectorRow:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalisationRow:
+    subset: Subset
+    by_iou: tuple[Localisation, ...]  # one per IoU of LOCALISATION_IOUS
+
+
+@dataclass(frozen=True, slots=True)
 class CalibrationCheck:
     """Calibration on this data before (sigmoid of the logits) and after the card's calibration."""
 
@@ -104,6 +123,8 @@ class ModelEvaluation:
     served: tuple[AnatomicalGroup, ...] | None  # None: evaluated on every image
     rows: tuple[ClassifierRow | DetectorRow, ...]
     calibration: CalibrationCheck | None
+    localisation: tuple[LocalisationRow, ...] = ()  # map models and detectors
+    members: tuple[str, ...] = ()  # a stack: its classifier and map model
 
 
 def home_groups(card: ModelCard, table: GroupTable = DEFAULT_GROUP_TABLE) -> frozenset[AnatomicalGroup]:
@@ -244,6 +265,44 @@ def _detector_rows(images: Sequence[EvalImage], run: ModelRun, config: Evaluatio
     ]
 
 
+BOX_POINT_NAMES = (HIGH_SENSITIVITY, HIGH_SPECIFICITY)
+
+
+def box_points(card: ModelCard) -> list[tuple[str, float]]:
+    """The thresholds the card holds boxes to: a map model's box operating points, a detector's
+    operating points (:meth:`ModelCard.box_threshold`); one 0.5 point for a card with none."""
+    points = []
+    for name in BOX_POINT_NAMES:
+        threshold = card.box_threshold(name)
+        if threshold is not None and math.isfinite(threshold):
+            points.append((name, float(threshold)))
+    return points or [(f"uncalibrated_{UNCALIBRATED_THRESHOLD:g}", UNCALIBRATED_THRESHOLD)]
+
+
+def localisation_rows(
+    images: Sequence[EvalImage], run: ModelRun, config: EvaluationConfig
+) -> list[LocalisationRow]:
+    """The localisation rows of a run with boxes: overall, per group and per region."""
+    if run.boxes is None:
+        return []
+    points = box_points(run.card)
+    rows = []
+    for subset, positions in subsets_of(
+        images, run.indices, home_groups(run.card, config.table), config.table
+    ):
+        found = detections_of(images, run, positions)
+        rows.append(
+            LocalisationRow(
+                subset,
+                tuple(
+                    localisation(found, points, iou, confidence=config.confidence)
+                    for iou in LOCALISATION_IOUS
+                ),
+            )
+        )
+    return rows
+
+
 def calibration_check(
     images: Sequence[EvalImage], run: ModelRun, config: EvaluationConfig
 ) -> CalibrationCheck | None:
@@ -286,6 +345,8 @@ def evaluate_run(images: Sequence[EvalImage], run: ModelRun, config: EvaluationC
         served=served,
         rows=tuple(rows),
         calibration=calibration_check(images, run, config),
+        localisation=() if run.is_stack else tuple(localisation_rows(images, run, config)),
+        members=run.members,
     )
 
 
@@ -303,17 +364,88 @@ class NodeEvaluation:
 
     deciding: tuple[tuple[AnatomicalGroup, str], ...]  # (group, model name) for every group used
     rows: tuple[ClassifierRow, ...]
+    localisers: tuple[tuple[AnatomicalGroup, str], ...] = ()  # (group, model whose boxes it shows)
+    localisation: tuple[LocalisationRow, ...] = ()
 
 
-def _deciding_runs(runs: Sequence[ModelRun]) -> dict[AnatomicalGroup, ModelRun]:
+def deciding_runs(runs: Sequence[ModelRun]) -> dict[AnatomicalGroup, ModelRun]:
+    """Each group's deciding run: as the plans say (``decides``), else in the node's order
+    (:class:`node.modelset.GroupModels`): stack, classifier, map model, detector."""
     chosen: dict[AnatomicalGroup, ModelRun] = {}
-    for kind in (ModelKind.CLASSIFIER, ModelKind.DETECTOR):
+    if any(run.decides is not None for run in runs):
         for run in runs:
-            if run.card.kind != kind or run.served is None:
-                continue
-            for group in run.served:
+            for group in run.decides or ():
                 chosen.setdefault(group, run)
+        return chosen
+    order: list[ModelRun] = [r for r in runs if r.is_stack]
+    for kind in (ModelKind.CLASSIFIER, ModelKind.SEGMENTER, ModelKind.DETECTOR):
+        order += [r for r in runs if r.card.kind == kind and not r.is_stack]
+    for run in order:
+        for group in run.served or ():
+            chosen.setdefault(group, run)
     return chosen
+
+
+def _localising_runs(runs: Sequence[ModelRun]) -> dict[AnatomicalGroup, ModelRun]:
+    """Each group's box source: as the plans say (``localises``), else its map model, else its
+    detector."""
+    chosen: dict[AnatomicalGroup, ModelRun] = {}
+    if any(run.localises is not None for run in runs):
+        for run in runs:
+            for group in run.localises or ():
+                chosen.setdefault(group, run)
+        return chosen
+    for kind in (ModelKind.SEGMENTER, ModelKind.DETECTOR):
+        for run in runs:
+            if run.card.kind == kind and not run.is_stack and run.boxes is not None:
+                for group in run.served or ():
+                    chosen.setdefault(group, run)
+    return chosen
+
+
+def _node_localisation(
+    images: Sequence[EvalImage], runs: Sequence[ModelRun], config: EvaluationConfig
+) -> tuple[dict[AnatomicalGroup, ModelRun], list[LocalisationRow]]:
+    """Every image's boxes from its group's localiser, held to that localiser's box points."""
+    localising = _localising_runs(runs)
+    if not localising:
+        return localising, []
+    available = frozenset(localising)
+    position = {id(run): {int(i): p for p, i in enumerate(run.indices)} for run in localising.values()}
+    found: list[ImageDetections] = []
+    kept: list[int] = []
+    thresholds: list[dict[str, float]] = []
+    for index, image in enumerate(images):
+        group = config.table.route(image.region, available)[0]
+        if image.label is None or group is None:
+            continue
+        run = localising[group]
+        where = position[id(run)].get(index)
+        if where is None or run.boxes is None:
+            continue
+        kept.append(index)
+        found.append(
+            ImageDetections(image.key, image.study_id, int(image.label), image.boxes, run.boxes[where])
+        )
+        thresholds.append(dict(box_points(run.card)))
+    names = [name for name in BOX_POINT_NAMES if all(name in t for t in thresholds)]
+    indices = np.asarray(kept, dtype=np.int64)
+    rows = []
+    for subset, positions in subsets_of(images, indices, available, config.table):
+        chosen = [found[p] for p in positions]
+        points: list[tuple[str, float | Sequence[float]]] = [
+            (name, [thresholds[p][name] for p in positions]) for name in names
+        ]
+        rows.append(
+            LocalisationRow(
+                subset,
+                tuple(
+                    localisation(chosen, points, iou, confidence=config.confidence)
+                    for iou in LOCALISATION_IOUS
+                ),
+            )
+        )
+    return localising, rows
 
 
 def _at_unit_thresholds(
@@ -347,7 +479,7 @@ def evaluate_node(
     images: Sequence[EvalImage], runs: Sequence[ModelRun], config: EvaluationConfig
 ) -> NodeEvaluation | None:
     """The node view of routed runs; None when no run is routed (``--model`` evaluations)."""
-    deciding = _deciding_runs(runs)
+    deciding = deciding_runs(runs)
     if not deciding:
         return None
     available = frozenset(deciding)
@@ -406,4 +538,11 @@ def evaluate_node(
             )
         )
     ordered = sorted(deciding.items(), key=lambda item: list(AnatomicalGroup).index(item[0]))
-    return NodeEvaluation(deciding=tuple((g, run.card.name) for g, run in ordered), rows=tuple(rows))
+    localising, box_rows = _node_localisation(images, runs, config)
+    boxes_by = sorted(localising.items(), key=lambda item: list(AnatomicalGroup).index(item[0]))
+    return NodeEvaluation(
+        deciding=tuple((g, run.card.name) for g, run in ordered),
+        rows=tuple(rows),
+        localisers=tuple((g, run.card.name) for g, run in boxes_by),
+        localisation=tuple(box_rows),
+    )

@@ -6,7 +6,14 @@ build the transfer matrix (:mod:`matrix`, every model on every image), then writ
 image: key, regions, label, probability, logit) and the figures.
 
 With the matrix, each model runs once over every image and its routed rows are taken from that
-run, so no image is predicted twice.
+run, so no image is predicted twice. Stacks (:class:`runner.StackPlan`) are computed from their
+members' runs on the images routed to the stack's groups, and reported like a model (the matrix
+holds the members only).
+
+Two optional parts measure a new source (:mod:`shift`): ``shifts`` reads every negative again
+under each source change (decoded once per image) and reports how far its probabilities move;
+``second`` runs the same plans on a second source with positives only (upper-limb-web) and
+reports sensitivity at both operating points per region.
 
 Errors: those of the modules it calls (:class:`runner.RunnerError`,
 :class:`metrics.MetricsError`); an output folder that cannot be written raises ``OSError``.
@@ -38,11 +45,14 @@ from inference.evaluation.runner import (
     EvalImage,
     ModelPlan,
     ModelRun,
+    StackPlan,
     restrict,
     run_models,
     select_images,
+    stack_run,
 )
 from inference.evaluation.scoring import EvaluationConfig, evaluate_node, evaluate_run
+from inference.evaluation.shift import Shift, second_source_rows, shift_rows, shifted_images
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +98,70 @@ def _predictions_csv(path: Path, images: Sequence[EvalImage], runs: Sequence[Mod
     return path
 
 
+def _with_stacks(
+    images: Sequence[EvalImage],
+    plans: Sequence[ModelPlan],
+    stacks: Sequence[StackPlan],
+    selections: Sequence[Sequence[int]],
+    stack_selections: Sequence[Sequence[int]],
+    batch_size: int,
+    progress: bool,
+) -> tuple[tuple[ModelRun, ...], tuple[tuple[str, str], ...]]:
+    result = run_models(images, plans, selections, batch_size=batch_size, progress=progress)
+    stacked = tuple(
+        stack_run(
+            result.runs[plan.classifier],
+            result.runs[plan.segmenter],
+            plan.stack,
+            keep,
+            served=plan.served,
+            decides=plan.decides,
+        )
+        for plan, keep in zip(stacks, stack_selections, strict=True)
+    )
+    return tuple(result.runs) + stacked, result.failures
+
+
+def _source_shift(
+    images: Sequence[EvalImage],
+    plans: Sequence[ModelPlan],
+    stacks: Sequence[StackPlan],
+    routed: Sequence[Sequence[int]],
+    stack_images: Sequence[Sequence[int]],
+    runs: Sequence[ModelRun],
+    shifts: Sequence[Shift],
+    config: EvaluationConfig,
+    node: bool,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, Any]:
+    negatives = sorted({i for selection in routed for i in selection if images[i].label == 0})
+    copies, origin = shifted_images(images, negatives, shifts)
+    by_source: dict[int, list[int]] = {}
+    for copy, (source, _) in enumerate(origin):
+        by_source.setdefault(source, []).append(copy)
+
+    def copies_of(selection: Sequence[int]) -> list[int]:
+        return [c for i in selection for c in by_source.get(i, [])]
+
+    shifted, failures = _with_stacks(
+        copies,
+        plans,
+        stacks,
+        [copies_of(s) for s in routed],
+        [copies_of(s) for s in stack_images],
+        batch_size,
+        progress,
+    )
+    reports = shift_rows(images, runs, shifted, origin, shifts, config, node=node)
+    return {
+        "shifts": [{"name": s.name, "description": s.description} for s in shifts],
+        "negatives": len(negatives),
+        "failures": [{"image": key, "reason": reason} for key, reason in failures],
+        "reports": to_jsonable(reports),
+    }
+
+
 def run_suite(
     images: Sequence[EvalImage],
     plans: Sequence[ModelPlan],
@@ -99,10 +173,15 @@ def run_suite(
     batch_size: int = 16,
     progress: bool = True,
     version: str = "",
+    stacks: Sequence[StackPlan] = (),
+    shifts: Sequence[Shift] = (),
+    second: tuple[SourceInfo, Sequence[EvalImage]] | None = None,
 ) -> SuiteOutput:
-    """Evaluate ``plans`` on ``images`` and write every output under ``out``."""
+    """Evaluate ``plans`` (and ``stacks`` of them) on ``images`` and write every output under ``out``;
+    ``shifts`` and ``second`` add the two new-source measures of :mod:`shift`."""
     config = config or EvaluationConfig()
-    routed = select_images(images, plans, config.table)
+    selections = select_images(images, plans, config.table, [stack.served for stack in stacks])
+    routed, stack_images = selections[: len(plans)], selections[len(plans) :]
     if matrix:
         everything = [i for i, image in enumerate(images) if image.label is not None]
         result = run_models(
@@ -114,6 +193,19 @@ def run_suite(
         result = run_models(images, plans, routed, batch_size=batch_size, progress=progress)
         full_runs = result.runs
         runs = result.runs
+    stacked = tuple(
+        stack_run(
+            full_runs[plan.classifier],
+            full_runs[plan.segmenter],
+            plan.stack,
+            keep,
+            served=plan.served,
+            decides=plan.decides,
+        )
+        for plan, keep in zip(stacks, stack_images, strict=True)
+    )
+    runs = tuple(runs) + stacked
+    full_runs = tuple(full_runs) + stacked
     figures_dir = out / FIGURES
     figures: list[Path] = []
     models: list[dict[str, Any]] = []
@@ -129,7 +221,7 @@ def run_suite(
     if matrix:
         table = transfer_matrix(
             images,
-            full_runs,
+            [run for run in full_runs if not run.is_stack],
             table=config.table,
             resamples=config.resamples,
             seed=config.seed,
@@ -142,6 +234,49 @@ def run_suite(
             figures.append(path)
             names.append(path.name)
         matrix_data["figures"] = names
+    shift_data: dict[str, Any] | None = None
+    if shifts:
+        shift_data = _source_shift(
+            images,
+            plans,
+            stacks,
+            routed,
+            stack_images,
+            runs,
+            shifts,
+            config,
+            node is not None,
+            batch_size,
+            progress,
+        )
+    second_data: dict[str, Any] | None = None
+    if second is not None:
+        info, second_images = second
+        chosen = select_images(second_images, plans, config.table, [stack.served for stack in stacks])
+        second_runs, second_failures = _with_stacks(
+            second_images,
+            plans,
+            stacks,
+            chosen[: len(plans)],
+            chosen[len(plans) :],
+            batch_size,
+            progress,
+        )
+        positives = [image for image in second_images if image.label == 1]
+        second_data = {
+            "source": {
+                "name": info.name,
+                "layout": info.layout,
+                "split": info.split,
+                "images": len(second_images),
+                "positives": len(positives),
+                "negatives": sum(1 for image in second_images if image.label == 0),
+                "failures": [{"image": key, "reason": reason} for key, reason in second_failures],
+            },
+            "reports": to_jsonable(
+                second_source_rows(second_images, second_runs, config, node=node is not None)
+            ),
+        }
     labelled = [image for image in images if image.label is not None]
     data: dict[str, Any] = {
         "schema": SCHEMA,
@@ -160,6 +295,8 @@ def run_suite(
         "node": None if node is None else to_jsonable(node),
         "models": models,
         "matrix": matrix_data,
+        "source_shift": shift_data,
+        "second_source": second_data,
     }
     results = write_json(out / JSON_NAME, data)
     report = out / REPORT_NAME

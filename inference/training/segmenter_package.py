@@ -17,6 +17,16 @@ The order keeps ``valid`` for the end, as issue 12 asks:
    ``BoxTargets.specific_fp_per_image``. A hit is IoU >= ``BoxTargets.iou`` with a FracAtlas
    fracture box (one hit per fracture box); all valid images count, negatives included.
 
+4. Optionally (``stack_with``, a classifier package): the **stack** of that classifier and this
+   map model (:mod:`inference.training.stack`). Both logits are computed on the hold-out images
+   of the classifier's groups, each model with its own preprocessing and input size; the stack is
+   fitted there and compared with each member by repeated stratified k-fold, out of fold, on
+   those images only. When it wins it is calibrated on ``valid`` of those groups once, gets its
+   own operating points and goes on the card; the card notes say which images chose it either
+   way. :func:`classifier_split` reconstructs which training images the classifier itself was
+   fitted on (checked against the counts on its card), so ``StackOptions.images="unseen"`` can
+   keep only hold-out images neither model trained on.
+
 :func:`package_segmenter` packages a finished :class:`~inference.training.segmenter.SegmenterRun`;
 :func:`package_segmenter_from_checkpoint` packages the best weights of a training checkpoint
 (``checkpoint.pt`` of :func:`~inference.training.segmenter.fit_segmenter`, or a bare state_dict)
@@ -55,6 +65,7 @@ from inference.modelcard import (
     ModelCard,
     ModelKind,
     SegmenterSpec,
+    Stack,
 )
 from inference.models import ModelLoadError
 from inference.models.segmenter import forward_maps, image_logits, load_segnet, upsample_maps
@@ -92,6 +103,25 @@ class BoxTargets:
     iou: float = 0.3
     sensitive_fp_per_image: float = 0.5
     specific_fp_per_image: float = 0.1
+
+
+STACK_IMAGES = ("holdout", "unseen")
+
+
+@dataclass(frozen=True, slots=True)
+class StackOptions:
+    """How :func:`stack_with_classifier` fits and chooses the stack.
+
+    ``images``: ``"holdout"`` every early-stopping hold-out image of the classifier's groups;
+    ``"unseen"`` only those the classifier was not fitted on either (needs its split to be
+    reconstructable from its card). ``force``: attach the stack even when a member wins.
+    """
+
+    l2: float = 1.0
+    folds: int = 5
+    repeats: int = 10
+    images: str = "holdout"
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +267,206 @@ def choose_box_points(
 
 
 # ---------------------------------------------------------------------------------------------
+# the stack with a classifier
+
+
+def classifier_split(
+    card: ModelCard, images: Sequence[LabelledImage]
+) -> tuple[frozenset[Path], frozenset[Path]] | None:
+    """``(fitted on, early-stopping hold-out)`` image paths of a classifier package, rebuilt from
+    its card (group or regions, seed, the default hold-out fraction) with the classifier's own
+    selection and split; None unless the counts match what its card's ``training_data`` says."""
+    from inference.training.classifier import ClassifierJob, select_images
+    from inference.training.loop import LoopConfig
+
+    summary = card.training_data
+    seed = int(summary.get("loop", {}).get("seed", 0)) if isinstance(summary.get("loop"), dict) else 0
+    wanted_train = summary.get("train", {}).get("images") if isinstance(summary.get("train"), dict) else None
+    wanted_stop = (
+        summary.get("early_stopping", {}).get("images")
+        if isinstance(summary.get("early_stopping"), dict)
+        else None
+    )
+    if wanted_train is None or wanted_stop is None:
+        return None
+    candidates: list[tuple[AnatomicalGroup | None, tuple[Region, ...] | None]] = [(card.group, None)]
+    if card.regions:
+        candidates.append((card.group, tuple(card.regions)))
+    for group, regions in candidates:
+        job = ClassifierJob(data=(), group=group, regions=regions, loop=LoopConfig(seed=seed))
+        try:
+            selection = select_images(list(images), job)
+        except TrainingError:
+            continue
+        train = list(selection.train)
+        fit_idx, stop_idx = holdout_split(
+            [i.study_id for i in train], targets_of(train), job.stop_fraction, seed
+        )
+        if len(fit_idx) + len(stop_idx) == wanted_train and len(stop_idx) == wanted_stop:
+            return frozenset(train[k].path for k in fit_idx), frozenset(train[k].path for k in stop_idx)
+    return None
+
+
+def _in_groups(image: LabelledImage, groups: frozenset[AnatomicalGroup]) -> bool:
+    from inference.regions import DEFAULT_GROUP_TABLE
+
+    return any(DEFAULT_GROUP_TABLE.group_of(r) in groups for r in image.all_regions)
+
+
+def card_groups(card: ModelCard) -> frozenset[AnatomicalGroup]:
+    """The groups a card serves (its group and its regions' groups), as the node reads it."""
+    from inference.regions import DEFAULT_GROUP_TABLE
+
+    groups = {g for g in (DEFAULT_GROUP_TABLE.group_of(r) for r in card.regions) if g is not None}
+    if card.group is not None:
+        groups.add(card.group)
+    return frozenset(groups)
+
+
+def _classifier_logits(
+    package: ModelPackage, images: Sequence[LabelledImage], cache_dir: Path | None, device: str
+) -> NDArray[np.float64]:
+    from inference.models.classifier import TorchClassifier
+
+    classifier = TorchClassifier.load(package, device)
+    config = PreprocessConfig.from_dict(package.card.preprocessing)
+    pixels = prepare_set(list(images), package.card.input_size, config, cache_dir, progress=False).pixels
+    if len(pixels) == 0:
+        return np.zeros(0, dtype=np.float64)
+    return np.concatenate(
+        [classifier.logits(pixels[s : s + 32].astype(np.float32) / 255.0) for s in range(0, len(pixels), 32)]
+    ).astype(np.float64)
+
+
+def _map_logits(
+    module: SegNet,
+    images: Sequence[LabelledImage],
+    size: int,
+    choice: ScoreChoice,
+    cache_dir: Path | None,
+    where: torch.device,
+    batch: int,
+) -> NDArray[np.float64]:
+    prepared = prepare_set(list(images), size, PreprocessConfig(), cache_dir, progress=False)
+    coarse, heads = forward_maps(
+        module, prepared.pixels.astype(np.float32) / 255.0, where, batch, choice.flip
+    )
+    return image_logits(coarse, heads, choice.score).astype(np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class StackResult:
+    stack: Stack | None  # None: a member won out of fold (and not forced)
+    summary: dict[str, Any]
+    note: str
+
+
+def stack_with_classifier(
+    classifier_path: Path,
+    module: SegNet,
+    size: int,
+    choice: ScoreChoice,
+    stop: Sequence[LabelledImage],
+    valid: Sequence[LabelledImage],
+    everything: Sequence[LabelledImage],
+    cache_dir: Path | None,
+    device: str,
+    batch: int = 32,
+    seed: int = 0,
+    options: StackOptions = StackOptions(),
+) -> StackResult:
+    """Fit, choose (out of fold, on the hold-out) and calibrate (on valid) the stack of the
+    classifier package at ``classifier_path`` with this map model."""
+    from inference.packages import verify_package
+    from inference.training.stack import calibrate_stack, compare_out_of_fold, fit_stack
+
+    if options.images not in STACK_IMAGES:
+        raise TrainingError(f"stack images {options.images!r}: choose one of {', '.join(STACK_IMAGES)}")
+    package = verify_package(classifier_path)
+    card = package.card
+    if card.kind is not ModelKind.CLASSIFIER:
+        raise TrainingError(f"{classifier_path} is a {card.kind} package, not a classifier")
+    groups = card_groups(card)
+    where = select_device(device)
+    chosen = [i for i in stop if i.label is not None and _in_groups(i, groups)]
+    split = classifier_split(card, everything)
+    seen = 0 if split is None else sum(1 for i in chosen if i.path in split[0])
+    if options.images == "unseen":
+        if split is None:
+            raise TrainingError(
+                f"the training split of {card.name} cannot be rebuilt from its card: use the whole hold-out"
+            )
+        chosen = [i for i in chosen if i.path not in split[0]]
+        seen = 0
+    labels = targets_of(chosen)
+    group_text = ", ".join(sorted(str(g) for g in groups))
+    where_text = (
+        f"{len(chosen)} images ({int(labels.sum())} fractures) of the early-stopping hold-out carved out of "
+        f"FracAtlas train, groups {group_text}"
+        + (" (only those the classifier was not fitted on either)" if options.images == "unseen" else "")
+    )
+    overlap = (
+        "the classifier's own fit set cannot be rebuilt from its card: some of these images may be "
+        "in it, which makes its logits there optimistic"
+        if split is None
+        else f"{seen} of them were in the classifier's own fit set (its logits there are in-sample)"
+    )
+    classifier_z = _classifier_logits(package, chosen, cache_dir, device)
+    map_z = _map_logits(module, chosen, size, choice, cache_dir, where, batch)
+    comparison = compare_out_of_fold(
+        classifier_z,
+        map_z,
+        labels,
+        studies=[i.study_id for i in chosen],
+        folds=options.folds,
+        repeats=options.repeats,
+        seed=seed,
+        l2=options.l2,
+    )
+    table = comparison.as_dict()
+    means = table["mean_auroc"]
+    summary: dict[str, Any] = {
+        "classifier": card.name,
+        "classifier_version": card.version,
+        "groups": sorted(str(g) for g in groups),
+        "chosen_on": where_text,
+        "classifier_fit_overlap": overlap,
+        "out_of_fold": table,
+    }
+    verdict = (
+        f"out-of-fold AUROC ({comparison.folds}-fold x {comparison.repeats}): stack {means['stack']:.3f}, "
+        f"classifier {means['classifier']:.3f}, map {means['map']:.3f}; {comparison.chosen} chosen"
+    )
+    if comparison.chosen != "stack" and not options.force:
+        note = f"Stack with {card.name} not attached: chosen on {where_text}; {verdict}; {overlap}."
+        return StackResult(None, summary, note)
+    stack = fit_stack(classifier_z, map_z, labels, card.name, options.l2)
+    summary["fitted_weights"] = {"classifier": stack.weights[0], "map": stack.weights[1], "bias": stack.bias}
+    in_valid = [i for i in valid if i.label is not None and _in_groups(i, groups)]
+    calibrated_note = "not calibrated (no valid images of its groups)"
+    if in_valid:
+        valid_labels = targets_of(in_valid)
+        classifier_v = _classifier_logits(package, in_valid, cache_dir, device)
+        map_v = _map_logits(module, in_valid, size, choice, cache_dir, where, batch)
+        try:
+            stack = calibrate_stack(stack, classifier_v, map_v, valid_labels, seed)
+            metrics = dict(stack.validation_metrics)
+            z = stack.weights[0] * classifier_v + stack.weights[1] * map_v + stack.bias
+            metrics["per_group"] = per_group_auroc(in_valid, z)
+            metrics["split"] = "valid"
+            stack = dataclasses.replace(stack, validation_metrics=metrics)
+            calibrated_note = f"calibrated and its operating points set on {len(in_valid)} valid images once"
+        except CalibrationError as exc:
+            calibrated_note = f"not calibrated: {exc}"
+    forced = " (forced)" if comparison.chosen != "stack" else ""
+    note = (
+        f"Stack with {card.name} {card.version}{forced}: weights and choice from {where_text}; {verdict}; "
+        f"{overlap}; {calibrated_note}."
+    )
+    return StackResult(dataclasses.replace(stack, notes=note), summary, note)
+
+
+# ---------------------------------------------------------------------------------------------
 # the package
 
 
@@ -279,6 +509,9 @@ def _package(
     flip: bool | None,
     targets: BoxTargets,
     device: str,
+    stack_with: Path | None = None,
+    stack_options: StackOptions = StackOptions(),
+    everything: Sequence[LabelledImage] = (),
 ) -> ModelPackage:
     out.mkdir(parents=True, exist_ok=True)
     weights = save_weights(module, out / WEIGHTS_FILE)
@@ -338,6 +571,27 @@ def _package(
             spec, map_temperature=map_t, map_logit_offset=map_b, box_operating_points=box_points
         )
 
+    stack_summary: dict[str, Any] | None = None
+    if stack_with is not None:
+        result = stack_with_classifier(
+            stack_with,
+            served,
+            job.size,
+            choice,
+            stop,
+            valid,
+            list(everything) or [*train, *stop, *valid],
+            cache_dir,
+            device,
+            batch,
+            job.loop.seed,
+            stack_options,
+        )
+        stack_summary = result.summary
+        spec = dataclasses.replace(spec, stack=result.stack)
+        notes = (notes + "\n" if notes else "") + result.note
+        log.info("%s", result.note)
+
     regions: tuple[Region, ...] = trained_regions(list(train), group)
     if job.regions is not None:
         regions = tuple(r for r in regions if str(r) in job.regions)
@@ -356,6 +610,8 @@ def _package(
             "stop_auroc": choice.stop_auroc,
         },
     }
+    if stack_summary is not None:
+        summary["stack"] = stack_summary
     summary.update(training)
     card = ModelCard(
         name=name,
@@ -400,8 +656,12 @@ def package_segmenter(
     flip: bool | None = None,
     targets: BoxTargets = BoxTargets(),
     device: str = "cpu",
+    *,
+    stack_with: Path | None = None,
+    stack_options: StackOptions = StackOptions(),
 ) -> ModelPackage:
-    """The package of a finished run: score chosen on its hold-out, calibrated on its ``valid``."""
+    """The package of a finished run: score chosen on its hold-out, calibrated on its ``valid``;
+    with ``stack_with`` (a classifier package) the stack is tried as the module docstring says."""
     return _package(
         run.fitted.module,
         run.job,
@@ -420,6 +680,8 @@ def package_segmenter(
         flip,
         targets,
         device,
+        stack_with,
+        stack_options,
     )
 
 
@@ -500,6 +762,9 @@ def package_segmenter_from_checkpoint(
     targets: BoxTargets = BoxTargets(),
     device: str = "cpu",
     images: Sequence[LabelledImage] | None = None,
+    *,
+    stack_with: Path | None = None,
+    stack_options: StackOptions = StackOptions(),
 ) -> ModelPackage:
     """Package the best weights of ``checkpoint`` without training again.
 
@@ -542,13 +807,141 @@ def package_segmenter_from_checkpoint(
         flip,
         targets,
         device,
+        stack_with,
+        stack_options,
+        everything,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrating a map-model package on a site's labelled images
+
+
+def _kept_box_points(spec: SegmenterSpec, map_t: float, map_b: float) -> tuple[BoxOperatingPoint, ...]:
+    """The card's box points moved to a new map calibration at the same map cuts (the regions and
+    boxes stay the same; only the probability they are stated in changes)."""
+    from inference.maps import logit_threshold
+
+    kept = []
+    for point in spec.box_operating_points:
+        cut = logit_threshold(point.threshold, spec.map_temperature, spec.map_logit_offset)
+        kept.append(
+            dataclasses.replace(point, threshold=float(apply_calibration(np.array([cut]), map_t, map_b)[0]))
+        )
+    return tuple(kept)
+
+
+def calibrate_segmenter_package(
+    package_path: Path,
+    images: Sequence[LabelledImage],
+    split: str | None,
+    cache_dir: Path | None,
+    device: str = "cpu",
+    seed: int = 0,
+    scope: Mapping[str, Any] | None = None,
+    offset: bool = True,
+    targets: BoxTargets = BoxTargets(),
+    stack_classifier: Path | None = None,
+) -> ModelPackage:
+    """Refit a map-model package on labelled images and write it as a new version.
+
+    On the labelled images of the card's regions (and ``split``; sources with confirmed
+    negatives only): the image score's temperature and logit offset and image operating points
+    (:func:`inference.training.package.calibration_fields`), the map calibration (from the images'
+    map maxima) and, when the images carry fracture boxes, the two box operating points as at
+    packaging (:func:`choose_box_points`); without boxes the box points keep their map cuts,
+    restated in the new map calibration, and the card says their recall was not measured here.
+    A stack on the card is recalibrated (same weights, new Platt scaling, new operating points)
+    when ``stack_classifier`` gives its classifier package; otherwise it is kept and flagged.
+    """
+    from inference.calibration import CalibrationError as _CalibrationError
+    from inference.packages import rewrite_card, verify_package
+    from inference.training.package import calibration_images
+
+    package = verify_package(package_path)
+    card = dataclasses.replace(package.card, **dict(scope or {}))
+    if card.kind is not ModelKind.SEGMENTER:
+        raise _CalibrationError(f"{package_path} is a {card.kind} package, not a fracture-map model")
+    spec = card.segmenter if card.segmenter is not None else SegmenterSpec()
+    chosen = calibration_images(images, card.regions, split)
+    if not chosen:
+        raise _CalibrationError(f"no labelled images of {', '.join(map(str, card.regions))} in the data")
+    where = select_device(device)
+    weights = package.weight_path(WEIGHTS_FILE if WEIGHTS_FILE in card.weights else None)
+    module = load_segnet(card.architecture, weights, where)
+    config = PreprocessConfig.from_dict(card.preprocessing)
+    prepared = prepare_set(list(chosen), card.input_size, config, cache_dir, progress=False)
+    coarse, heads = forward_maps(module, prepared.pixels.astype(np.float32) / 255.0, where, 32, spec.flip)
+    labels = targets_of(chosen)
+    scores = image_logits(coarse, heads, spec.score).astype(np.float64)
+    fields = calibration_fields(scores, labels, seed, offset)
+    metrics = fields["validation_metrics"]
+    metrics["per_group"] = per_group_auroc(list(chosen), scores)
+    metrics["split"] = split
+    metrics["calibrated_on"] = sorted({i.source for i in chosen})
+    metrics["image_score"] = spec.score + (" + flip TTA" if spec.flip else "")
+    full = upsample_maps(coarse, card.input_size)
+    maxima = full.reshape(len(full), -1).max(axis=1).astype(np.float64)
+    map_t, map_b, map_note = _map_calibration(maxima, labels)
+    truths = [prepared.boxes_in_pixels(k) for k in range(len(chosen))]
+    if sum(len(t) for t in truths):
+        box_points, box_metrics = choose_box_points(full, truths, map_t, map_b, targets)
+    else:
+        box_points = _kept_box_points(spec, map_t, map_b)
+        box_metrics = {
+            "note": "no fracture boxes in the calibration data: the box points keep their map cuts "
+            "(restated in the new map calibration); their recall and false positives were not measured here",
+            "images": len(chosen),
+        }
+    box_metrics["map_calibration"] = {"temperature": round(map_t, 6), "logit_offset": round(map_b, 6)}
+    if map_note:
+        box_metrics["map_calibration"]["note"] = map_note
+    metrics["boxes"] = box_metrics
+    if box_points and "fracture_boxes" in box_metrics:
+        metrics[f"box_recall_at_{box_points[0].name}"] = box_points[0].recall
+    stack = spec.stack
+    if stack is not None:
+        if stack_classifier is None:
+            metrics["stack_note"] = (
+                "the stack was not recalibrated on these images (pass its classifier package to do so)"
+            )
+        else:
+            from inference.training.stack import calibrate_stack
+
+            classifier = verify_package(stack_classifier)
+            if classifier.card.name != stack.classifier:
+                raise _CalibrationError(
+                    f"the stack names {stack.classifier}, the given classifier is {classifier.card.name}"
+                )
+            in_groups = [k for k, i in enumerate(chosen) if _in_groups(i, card_groups(classifier.card))]
+            subset = [chosen[k] for k in in_groups]
+            classifier_z = _classifier_logits(classifier, subset, cache_dir, device)
+            stack = calibrate_stack(stack, classifier_z, scores[in_groups], labels[in_groups], seed, offset)
+            z = stack.weights[0] * classifier_z + stack.weights[1] * scores[in_groups] + stack.bias
+            stack_validation = dict(stack.validation_metrics)
+            stack_validation["per_group"] = per_group_auroc(subset, z)
+            stack_validation["split"] = split
+            stack = dataclasses.replace(
+                stack,
+                validation_metrics=stack_validation,
+                notes=stack.notes + f" Recalibrated on {len(subset)} images of {metrics['calibrated_on']}.",
+            )
+    new_spec = dataclasses.replace(
+        spec, map_temperature=map_t, map_logit_offset=map_b, box_operating_points=box_points, stack=stack
+    )
+    changes = dict(scope or {})
+    return rewrite_card(package, **changes, **fields, segmenter=new_spec)
 
 
 __all__ = [
     "BoxTargets",
     "Checkpoint",
     "ScoreChoice",
+    "StackOptions",
+    "StackResult",
+    "calibrate_segmenter_package",
+    "classifier_split",
+    "stack_with_classifier",
     "choose_box_points",
     "choose_score",
     "package_segmenter",

@@ -1,11 +1,20 @@
 """``fracnode calibrate PACKAGE --data PATH``: refit calibration and operating points of a package.
 
-The package is verified first; the data's labelled images of the card's regions (``--split``,
-default ``valid``; sources without confirmed negatives left out) give the scores; the card gets
+The package is verified first; the data's labelled images of the card's regions (``--split``;
+by default ``valid`` when the data name one, else every image, as a site CSV without a
+``split`` column; sources without confirmed negatives left out) give the scores; the card gets
 the temperature and logit offset (``--temperature-only``: temperature scaling alone, offset 0),
 the three operating points with their nested out-of-fold sensitivity and
 specificity, and the validation metrics, under a new version and device UID (IHE AIR), and the
-checksums are rewritten. Bad input raises :class:`node.cli.CliError` (exit 2).
+checksums are rewritten.
+
+A fracture-map package (kind ``segmenter``) is refitted by
+:func:`inference.training.segmenter_package.calibrate_segmenter_package`: its image score's
+calibration and points as above, its map calibration, and its two box operating points when the
+data carry fracture boxes (kept at the same map cuts when they do not); a stack on its card is
+recalibrated when ``--stack-classifier PKG`` gives the stack's classifier.
+
+Bad input raises :class:`node.cli.CliError` (exit 2).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from inference.datasets import DatasetError, load_sources
+from inference.datasets import DatasetError, LabelledImage, load_sources
 from inference.packages import PackageError
 from inference.regions import AnatomicalGroup, Region
 from node.cli import CliError
@@ -33,7 +42,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PATH",
         help="data folder or CSV (repeatable)",
     )
-    parser.add_argument("--split", default="valid", help="split to calibrate on ('all' for every image)")
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="split to calibrate on ('all' for every image; default: valid when the data have one, else all)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     parser.add_argument("--cache", type=Path, default=Path("var/cache"), metavar="DIR")
     parser.add_argument("--seed", type=int, default=0)
@@ -47,11 +60,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="fit the temperature alone (default: temperature and a logit offset)",
     )
+    parser.add_argument(
+        "--stack-classifier",
+        type=Path,
+        default=None,
+        metavar="PKG",
+        help="fracture-map package with a stack: recalibrate the stack too, with this classifier package",
+    )
+    parser.add_argument("--box-iou", type=float, default=0.3, help="fracture-map package: IoU of a box hit")
+    parser.add_argument(
+        "--box-fp-sensitive", type=float, default=0.5, help="FP boxes per image at the high-sensitivity point"
+    )
+    parser.add_argument(
+        "--box-fp-specific", type=float, default=0.1, help="FP boxes per image at the high-specificity point"
+    )
     parser.set_defaults(handler=calibrate)
+
+
+def _split(requested: str | None, images: list[LabelledImage]) -> str | None:
+    if requested == "all":
+        return None
+    if requested is not None:
+        return requested
+    return "valid" if any(i.split == "valid" for i in images) else None
 
 
 def calibrate(args: argparse.Namespace, settings: Settings) -> int:
     from inference.calibration import CalibrationError
+    from inference.modelcard import ModelKind
+    from inference.packages import read_package
     from inference.training.package import calibrate_package
 
     if not (args.package / "model.json").is_file():
@@ -59,7 +96,10 @@ def calibrate(args: argparse.Namespace, settings: Settings) -> int:
     for path in args.data:
         if not path.exists():
             raise CliError(f"--data {path} does not exist")
-    split = None if args.split == "all" else args.split
+    if args.stack_classifier is not None and not (args.stack_classifier / "model.json").is_file():
+        raise CliError(f"--stack-classifier {args.stack_classifier} is not a model package")
+    if not 0.0 < args.box_iou <= 1.0 or args.box_fp_sensitive < 0 or args.box_fp_specific < 0:
+        raise CliError("--box-iou must be in (0, 1], the FP-per-image budgets at least 0")
     scope: dict[str, object] = {}
     try:
         if args.group is not None:
@@ -77,17 +117,38 @@ def calibrate(args: argparse.Namespace, settings: Settings) -> int:
             raise CliError("--version must not be empty")
         scope["version"] = args.version.strip()
     try:
+        kind = read_package(args.package).card.kind
         images = load_sources(list(args.data))
-        package = calibrate_package(
-            args.package,
-            images,
-            split,
-            args.cache,
-            args.device,
-            args.seed,
-            scope,
-            offset=not args.temperature_only,
-        )
+        split = _split(args.split, images)
+        print(f"calibrating on {'split ' + split if split else 'every labelled image'} of the data")
+        if kind is ModelKind.SEGMENTER:
+            from inference.training.segmenter_package import BoxTargets, calibrate_segmenter_package
+
+            package = calibrate_segmenter_package(
+                args.package,
+                images,
+                split,
+                args.cache,
+                args.device,
+                args.seed,
+                scope,
+                offset=not args.temperature_only,
+                targets=BoxTargets(args.box_iou, args.box_fp_sensitive, args.box_fp_specific),
+                stack_classifier=args.stack_classifier,
+            )
+        else:
+            if args.stack_classifier is not None:
+                raise CliError("--stack-classifier applies to a fracture-map package only")
+            package = calibrate_package(
+                args.package,
+                images,
+                split,
+                args.cache,
+                args.device,
+                args.seed,
+                scope,
+                offset=not args.temperature_only,
+            )
     except (DatasetError, PackageError, CalibrationError) as exc:
         raise CliError(str(exc)) from exc
     card = package.card
@@ -99,7 +160,9 @@ def calibrate(args: argparse.Namespace, settings: Settings) -> int:
         print(line)
     print(
         json.dumps(
-            {k: v for k, v in card.validation_metrics.items() if k != "per_group"}, indent=2, default=str
+            {k: v for k, v in card.validation_metrics.items() if k not in ("per_group", "boxes")},
+            indent=2,
+            default=str,
         )
     )
     return 0

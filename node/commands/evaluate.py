@@ -10,7 +10,14 @@ MURA, a ``path,label,region`` CSV), or a folder of DICOM files with a label CSV
 Models: the installed ones (bundled plus ``models.directory``), each evaluated on the images the
 node would route to it (:func:`node.modelset.load_model_set` picks the model of each group), or
 ``--model PKG`` (repeatable) to evaluate packages on every image. ``--matrix`` adds the
-cross-region transfer matrix (every model on every image). ``--docs FILE`` writes the summary
+cross-region transfer matrix (every model on every image). Fracture-map models (kind
+``segmenter``) are reported like classifiers for their image probability and with localisation
+rows (recall within 0.5 false-positive boxes per image at IoU 0.3 and 0.5, FROC, box points);
+as the node serves, a group's probability may be the stack of its classifier and map model.
+``--source-shift`` reads the negatives again under source changes (resolution, JPEG, gamma,
+contrast, collimation, a burnt-in marker) and reports how far their probabilities move;
+``--second-source PATH`` adds the sensitivity at both operating points per region on a source
+with positives only (upper-limb-web). ``--docs FILE`` writes the summary
 into the generated section of FILE; ``--from-results JSON`` renders the report (and ``--docs``)
 again from an earlier results file without running any model.
 
@@ -36,7 +43,10 @@ from node.cli import CliError
 from node.settings import Settings
 
 if TYPE_CHECKING:
-    from inference.evaluation.runner import EvalImage, ModelPlan
+    from inference.evaluation.runner import EvalImage, Model, ModelPlan, StackPlan
+    from inference.evaluation.shift import Shift
+    from inference.evaluation.suite import SourceInfo
+    from inference.modelcard import Stack
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +92,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--from-results", type=Path, default=None, metavar="JSON", help="render from an earlier results.json"
     )
+    parser.add_argument(
+        "--source-shift",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="CHANGES",
+        help="read every negative again under source changes and report how far its probability moves "
+        "(comma-separated: half,double,jpeg50,gamma0.7,gamma1.4,contrast0.8,contrast1.25,collimation,marker; "
+        "default all)",
+    )
+    parser.add_argument(
+        "--second-source",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a source with positives only (e.g. upper-limb-web): sensitivity per region at both points",
+    )
+    parser.add_argument("--second-split", default=None, help="only this split of --second-source")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=evaluate)
 
@@ -139,7 +167,9 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         from inference.evaluation.runner import set_torch_threads
 
         set_torch_threads(args.threads)
-    plans = _load_plans(args.model, settings)
+    shifts = _shifts(args.source_shift)
+    second = _second_source(args.second_source, args.second_split)
+    plans, stacks = _load_plans(args.model, settings)
     out = args.out or Path("var/eval") / datetime.now().strftime("%Y%m%d-%H%M%S")
     log.info("evaluating %d images with %d models into %s", len(images), len(plans), out)
     try:
@@ -153,6 +183,9 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
             batch_size=args.batch_size,
             progress=not args.no_progress,
             version=__version__,
+            stacks=stacks,
+            shifts=shifts,
+            second=second,
         )
     except (RunnerError, MetricsError) as exc:
         raise CliError(f"evaluation failed: {exc}") from exc
@@ -169,18 +202,55 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _shifts(option: str | None) -> tuple[Shift, ...]:
+    from inference.evaluation.shift import ShiftError, shifts_named
+
+    if option is None:
+        return ()
+    names = None if option == "all" else [n.strip() for n in option.split(",") if n.strip()]
+    try:
+        return shifts_named(names)
+    except ShiftError as exc:
+        raise CliError(f"--source-shift: {exc}") from exc
+
+
+def _second_source(path: Path | None, split: str | None) -> tuple[SourceInfo, list[EvalImage]] | None:
+    from inference.datasets import DatasetError, detect_layout, load_source
+    from inference.evaluation.runner import from_labelled
+    from inference.evaluation.suite import SourceInfo
+
+    if path is None:
+        return None
+    if not path.exists():
+        raise CliError(f"--second-source {path}: no such file or folder")
+    try:
+        images = from_labelled(load_source(path, split))
+        layout = detect_layout(path)
+    except DatasetError as exc:
+        raise CliError(str(exc)) from exc
+    if not any(image.label == 1 for image in images):
+        raise CliError(f"--second-source {path}: no image with a fracture")
+    return SourceInfo(path.name or str(path), layout, split), images
+
+
 # --------------------------------------------------------------------------------------------
 # models
 
 
-def _load_plans(packages: Sequence[Path], settings: Settings) -> list[ModelPlan]:
-    from inference.evaluation.runner import ModelPlan
+def _load_plans(packages: Sequence[Path], settings: Settings) -> tuple[list[ModelPlan], list[StackPlan]]:
+    """The models to run and the stacks to compute from them.
+
+    With ``--model``: each package on every image, and the stack of a map model whose card names
+    one of the given classifiers. Without: what :func:`node.modelset.load_model_set` serves, each
+    model on the groups it serves, marked with the groups it decides (gives the probability of)
+    and localises (gives the boxes of), and each group's stack when the node stacks.
+    """
+    from inference.evaluation.runner import ModelPlan, StackPlan
     from inference.modelcard import ModelKind
     from inference.models import load_model
     from inference.packages import PackageError, verify_package
-    from inference.protocols import FractureClassifier, FractureDetector
     from inference.regions import AnatomicalGroup
-    from node.modelset import ModelSetError, load_model_set
+    from node.modelset import ModelSetError, ProbabilitySource, load_model_set
 
     if packages:
         plans = []
@@ -193,7 +263,17 @@ def _load_plans(packages: Sequence[Path], settings: Settings) -> list[ModelPlan]
             except PackageError as exc:
                 raise CliError(f"model package {path}: {exc}") from exc
             plans.append(ModelPlan(model, None))  # type: ignore[arg-type]
-        return plans
+        names = {
+            plan.model.card.name: k
+            for k, plan in enumerate(plans)
+            if plan.model.card.kind == ModelKind.CLASSIFIER
+        }
+        stacks = []
+        for k, plan in enumerate(plans):
+            spec = plan.model.card.segmenter
+            if spec is not None and spec.stack is not None and spec.stack.classifier in names:
+                stacks.append(StackPlan(spec.stack, names[spec.stack.classifier], k, None))
+        return plans, stacks
     try:
         installed = load_model_set(
             settings.models.directory,
@@ -203,18 +283,44 @@ def _load_plans(packages: Sequence[Path], settings: Settings) -> list[ModelPlan]
         )
     except ModelSetError as exc:
         raise CliError(str(exc)) from exc
-    served: dict[int, tuple[FractureClassifier | FractureDetector, set[AnatomicalGroup]]] = {}
+    # member model, groups it serves, decides (probability), localises (boxes)
+    members: dict[int, tuple[Model, set[AnatomicalGroup], set[AnatomicalGroup], set[AnatomicalGroup]]] = {}
+    stacked: dict[tuple[int, int], tuple[Stack, set[AnatomicalGroup]]] = {}
     for group, models in installed.groups.items():
-        for member in (models.classifier, models.detector):
+        for member in (models.classifier, models.detector, models.segmenter):
             if member is not None:
-                served.setdefault(id(member), (member, set()))[1].add(group)
-    if not served:
+                members.setdefault(id(member), (member, set(), set(), set()))[1].add(group)
+        if models.localiser is not None:
+            members[id(models.localiser)][3].add(group)
+        source = models.probability_source
+        if source is ProbabilitySource.STACK:
+            assert models.classifier is not None and models.segmenter is not None and models.stack is not None
+            key = (id(models.classifier), id(models.segmenter))
+            stacked.setdefault(key, (models.stack, set()))[1].add(group)
+            continue
+        deciding = {
+            ProbabilitySource.CLASSIFIER: models.classifier,
+            ProbabilitySource.SEGMENTER: models.segmenter,
+            ProbabilitySource.DETECTOR: models.detector,
+        }[source]
+        assert deciding is not None
+        members[id(deciding)][2].add(group)
+    if not members:
         where = settings.models.directory or "the bundled models"
         raise CliError(f"no fracture model installed ({where}); pass --model PKG")
-    return [
-        ModelPlan(member, frozenset(groups))
-        for member, groups in sorted(served.values(), key=lambda item: item[0].card.name)
+    ordered = sorted(members.items(), key=lambda item: item[1][0].card.name)
+    plans = [
+        ModelPlan(member, frozenset(served), frozenset(decides), frozenset(localises))
+        for _, (member, served, decides, localises) in ordered
     ]
+    index = {key: k for k, (key, _) in enumerate(ordered)}
+    stack_plans = [
+        StackPlan(stack, index[classifier], index[segmenter], frozenset(groups), frozenset(groups))
+        for (classifier, segmenter), (stack, groups) in sorted(
+            stacked.items(), key=lambda item: sorted(item[1][1])
+        )
+    ]
+    return plans, stack_plans
 
 
 # --------------------------------------------------------------------------------------------

@@ -182,6 +182,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="package this checkpoint's best weights (checkpoint.pt, or a state_dict) without training",
     )
+    segmenter.add_argument(
+        "--stack-with",
+        type=Path,
+        default=None,
+        metavar="PKG",
+        help="classifier package: fit the stack with it on the train hold-out, kept if it wins out of fold",
+    )
+    segmenter.add_argument(
+        "--stack-images",
+        choices=("holdout", "unseen"),
+        default="holdout",
+        help="hold-out images that fit and choose the stack (unseen: those the classifier did not train on)",
+    )
+    segmenter.add_argument("--stack-l2", type=float, default=1.0, help="L2 penalty of the stack weights")
+    segmenter.add_argument(
+        "--stack-force", action="store_true", help="attach the stack even if a member wins"
+    )
     segmenter.set_defaults(handler=train_segmenter)
 
 
@@ -324,6 +341,7 @@ def train_segmenter(args: argparse.Namespace, settings: Settings) -> int:
     from inference.training.segmenter import SegmenterJob, SegmenterLoop, run_segmenter
     from inference.training.segmenter_package import (
         BoxTargets,
+        StackOptions,
         package_segmenter,
         package_segmenter_from_checkpoint,
     )
@@ -363,6 +381,12 @@ def train_segmenter(args: argparse.Namespace, settings: Settings) -> int:
         ),
         stop_fraction=args.stop_fraction,
     )
+    if args.stack_with is not None and not (args.stack_with / "model.json").is_file():
+        raise CliError(f"--stack-with {args.stack_with} is not a model package")
+    if args.stack_l2 < 0:
+        raise CliError("--stack-l2 must be at least 0")
+    stack_with = None if args.stack_with is None else args.stack_with.resolve()
+    stack_options = StackOptions(l2=args.stack_l2, images=args.stack_images, force=args.stack_force)
     targets = BoxTargets(args.box_iou, args.box_fp_sensitive, args.box_fp_specific)
     score = None if args.score == "auto" else str(args.score)
     flip = None if args.flip == "auto" else args.flip == "on"
@@ -382,6 +406,8 @@ def train_segmenter(args: argparse.Namespace, settings: Settings) -> int:
                 flip=flip,
                 targets=targets,
                 device=args.device,
+                stack_with=stack_with,
+                stack_options=stack_options,
             )
         else:
             run = run_segmenter(job, args.cache, work, resume=args.resume, progress=not args.no_progress)
@@ -397,6 +423,8 @@ def train_segmenter(args: argparse.Namespace, settings: Settings) -> int:
                 flip=flip,
                 targets=targets,
                 device=args.device,
+                stack_with=stack_with,
+                stack_options=stack_options,
             )
     except (DatasetError, TrainingError, PackageError, CalibrationError) as exc:
         raise CliError(str(exc)) from exc
