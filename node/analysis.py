@@ -23,7 +23,6 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from inference.decision import box_threshold, group_outcome
 from inference.evaluation.aggregate import AggregationMethod, aggregate_probabilities
@@ -35,9 +34,11 @@ from inference.protocols import RawBox
 from inference.regions import DEFAULT_GROUP_TABLE, AnatomicalGroup, GroupTable, Region
 from inference.routing import DEFAULT_MIN_IMAGE_CONFIDENCE, BelowMinimum, KeywordTable, route
 from inference.values import Box, GroupResult, ImageResult, Outcome, RegionSource, Routing, StudyResult
+from node import received
 from node.imaging import ImagingError, SourceFrame, header_facts, load_frames
 from node.metrics import Metrics
 from node.modelset import GroupModels, ModelSet, ProbabilitySource
+from node.redact import safe_reason
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,13 @@ def analyse_study(
         for path in files:
             try:
                 ds = pydicom.dcmread(path)
-            except (InvalidDicomError, OSError, ValueError) as exc:
-                log.error("spooled file %s cannot be read: %s", path.name, type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - one unreadable file must not fail the study
+                log.error("spooled file %s cannot be read: %s", path.name, safe_reason(exc))
                 continue
-            sop_uid = str(ds.SOPInstanceUID)
+            sop_uid = received.uid(ds, "SOPInstanceUID")
+            if sop_uid is None:  # ingest refuses such instances; a spool edited by hand may not
+                log.error("spooled file %s has no SOP Instance UID; skipped", path.name)
+                continue
             sources[sop_uid] = ds
             facts = header_facts(ds)
             try:

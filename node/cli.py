@@ -14,7 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pydicom.config
+
 from node import __version__
+from node.redact import ValueFreeLogFilter
 from node.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -59,11 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(level: str) -> None:
+    """Logging for the whole process, once, from ``main``.
+
+    No dataset value may reach the log: pydicom and highdicom quote the values they reject in
+    their warnings, so warnings are routed into logging and :class:`ValueFreeLogFilter` on the
+    handler withholds the text of those libraries' records; pydicom's reader is told not to
+    validate (and so not to warn about) values it only reads (``reading_validation_mode``).
+    """
     logging.basicConfig(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ValueFreeLogFilter())
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     # pynetdicom logs every PDU and highdicom every copied module at INFO; their warnings and
     # errors are what an operator needs.

@@ -11,7 +11,8 @@ from enum import IntEnum
 
 class StoreStatus(IntEnum):
     SUCCESS = 0x0000
-    # Refused: Out of Resources (PS3.4 B.2.3): the spool is below its free-space watermark.
+    # Refused: Out of Resources (PS3.4 B.2.3): the spool is below its free-space watermark or
+    # full, or the database cannot take the record (disk full, locked, unreachable).
     OUT_OF_RESOURCES = 0xA700
     # Error: Data Set does not match SOP Class (PS3.4 B.2.3): the dataset's SOP Class or SOP
     # Instance UID differs from the C-STORE request's Affected SOP Class / Instance UID.

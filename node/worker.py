@@ -26,12 +26,13 @@ from inference.regions import Region
 from inference.routing import KeywordTable
 from inference.values import Priority, StudyResult
 from node.analysis import AnalysisConfig, analyse_study
-from node.hl7 import build_oru
+from node.hl7 import accession_number_of, build_oru
 from node.metrics import Metrics, NotAnalysedReason
 from node.modelset import ModelSet
 from node.outputs import OutputConfig, summary, write_result
+from node.redact import safe_reason
 from node.spool import Spool
-from node.supervision import LeaseBook, LoopThread, Supervisor, describe_exception
+from node.supervision import LeaseBook, LoopThread, Supervisor
 from storage import repo
 from storage.db import Database
 from storage.views import JobState, JobView
@@ -175,7 +176,7 @@ class StudyProcessor:
         return result
 
     def _hl7(self, result: StudyResult, sources: dict[str, Dataset]) -> bytes:
-        accession = next((str(ds.get("AccessionNumber", "") or "") for ds in sources.values()), "") or None
+        accession = accession_number_of(sources.values())
         message = build_oru(
             result,
             accession_number=accession,
@@ -252,11 +253,9 @@ class WorkerPool:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """What a failed attempt records: fracnode's own errors keep their (value-free) message,
-    any other exception only its type (library messages quote dataset values)."""
-    if type(exc).__module__.split(".")[0] in ("node", "inference", "storage"):
-        return f"{type(exc).__name__}: {exc}"[:500]
-    return describe_exception(exc)
+    """What a failed attempt records: :func:`node.redact.safe_reason` (type, package, a fixed
+    description; this node's value-free reasons kept), never the exception's own text."""
+    return safe_reason(exc)[:500]
 
 
 def results_directory(spool_directory: Path) -> Path:

@@ -66,7 +66,7 @@ def test_exception_descriptions_carry_no_values() -> None:
     exc = ValueError("Unable to convert '19311231' to 'DA'")
     assert "19311231" not in describe_exception(exc)
     assert "19311231" not in failure_reason(exc)
-    assert failure_reason(exc) == "ValueError"
+    assert failure_reason(exc).startswith("ValueError")
 
 
 def _supervisor(db: Database, **config: float) -> tuple[Supervisor, CollectorRegistry]:
@@ -207,7 +207,9 @@ def test_failures_are_bounded_by_max_attempts_and_the_next_study_is_analysed(
 
     bad = repo.get_study(node.db, bad_study)
     assert bad is not None and bad.study.state is StudyState.FAILED
-    assert bad.study.error == "AttributeError"  # the type only: library text may quote values
+    # the type and a fixed description: library text may quote values
+    assert bad.study.error is not None and bad.study.error.startswith("AttributeError")
+    assert "CodeValue" not in bad.study.error
     assert [j.attempts for j in bad.jobs] == [2] and bad.jobs[0].state is JobState.DEAD
     good = repo.get_study(node.db, good_study)
     assert good is not None and good.study.state is StudyState.DONE
@@ -256,3 +258,24 @@ def test_healthz_is_red_for_a_dead_thread_and_ignores_destinations(db: Database,
             assert client.get("/readyz").status_code == 200  # readiness is about receiving
     finally:
         server.stop()
+
+
+def test_the_cli_logging_withholds_values_that_pydicom_quotes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = """
+import logging
+import pydicom.config
+from pydicom.valuerep import validate_value
+from node.cli import configure_logging
+configure_logging("INFO")
+assert pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE
+validate_value("DA", "1931-13-45", pydicom.config.WARN)  # pydicom warns, quoting the value
+logging.getLogger("pydicom").warning("Invalid value for VR PN: %r", "DOE^JOHN")
+logging.getLogger("node.worker").info("study processed (job %d)", 7)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "1931-13-45" not in done.stderr and "DOE^JOHN" not in done.stderr
+    assert "withheld" in done.stderr and "study processed (job 7)" in done.stderr
