@@ -302,7 +302,8 @@ def classifier_split(
         fit_idx, stop_idx = holdout_split(
             [i.study_id for i in train], targets_of(train), job.stop_fraction, seed
         )
-        if len(fit_idx) + len(stop_idx) == wanted_train and len(stop_idx) == wanted_stop:
+        # the card's "train" counts the fit set (older cards: the fit set and the hold-out)
+        if len(stop_idx) == wanted_stop and wanted_train in (len(fit_idx), len(fit_idx) + len(stop_idx)):
             return frozenset(train[k].path for k in fit_idx), frozenset(train[k].path for k in stop_idx)
     return None
 
@@ -413,16 +414,20 @@ def stack_with_classifier(
     )
     classifier_z = _classifier_logits(package, chosen, cache_dir, device)
     map_z = _map_logits(module, chosen, size, choice, cache_dir, where, batch)
-    comparison = compare_out_of_fold(
-        classifier_z,
-        map_z,
-        labels,
-        studies=[i.study_id for i in chosen],
-        folds=options.folds,
-        repeats=options.repeats,
-        seed=seed,
-        l2=options.l2,
-    )
+    try:
+        comparison = compare_out_of_fold(
+            classifier_z,
+            map_z,
+            labels,
+            studies=[i.study_id for i in chosen],
+            folds=options.folds,
+            repeats=options.repeats,
+            seed=seed,
+            l2=options.l2,
+        )
+    except CalibrationError as exc:
+        note = f"Stack with {card.name} not attached: {where_text} cannot choose it ({exc})."
+        return StackResult(None, {"classifier": card.name, "chosen_on": where_text, "note": str(exc)}, note)
     table = comparison.as_dict()
     means = table["mean_auroc"]
     summary: dict[str, Any] = {
