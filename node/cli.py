@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom.config
 
 from node import __version__
+from node.logcontext import ContextFilter
 from node.redact import ValueFreeLogFilter
 from node.settings import Settings, SettingsError, load_settings
 
@@ -76,7 +77,8 @@ def configure_logging(level: str) -> None:
     )
     logging.captureWarnings(True)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(ValueFreeLogFilter())
+        handler.addFilter(ValueFreeLogFilter())  # first: it may replace the message
+        handler.addFilter(ContextFilter())
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     # pynetdicom logs every PDU and highdicom every copied module at INFO; their warnings and

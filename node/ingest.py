@@ -53,6 +53,7 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
 from node import received
+from node.logcontext import log_context
 from node.metrics import Metrics, sop_class_label
 from node.redact import safe_reason
 from node.spool import Spool, SpoolError, SpoolFullError, sha256_hex
@@ -288,7 +289,8 @@ class StoreHandler:
             label = sop_class_label(str(request.AffectedSOPClassUID))
             stream: bytes = event.encoded_dataset(include_meta=False)
             size = len(stream)
-            status, outcome = self._store(event, stream, event.context, request, tally)
+            with log_context(calling_ae=tally.calling_ae):
+                status, outcome = self._store(event, stream, event.context, request, tally)
         # The one place nothing may escape: pynetdicom would answer 0xC211 and log the
         # traceback with whatever the exception quotes.
         except Exception as exc:  # noqa: BLE001
@@ -337,6 +339,12 @@ class StoreHandler:
             )
             return exc.status, "rejected"
 
+        with log_context(study=identity.study_uid, instance=identity.sop_uid):
+            return self._store_identified(event, stream, syntax, identity, tally)
+
+    def _store_identified(
+        self, event: Any, stream: bytes, syntax: UID, identity: Identity, tally: _AssociationTally
+    ) -> tuple[StoreStatus, str]:
         digest = sha256_hex(stream)
         try:
             previous = repo.existing_sha256(self.db, identity.sop_uid)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from node.export import ExportError, Peer, backoff_delay, send_files
 from node.hl7 import Hl7DeliveryError, send_mllp
+from node.logcontext import log_context
 from node.metrics import Metrics
 from node.supervision import LeaseBook, LoopThread, Supervisor, describe_exception
 from storage import repo
@@ -78,7 +79,10 @@ class OutboxRunner:
             return False
         self.leases.hold_item(item.id, worker_id)
         try:
-            return self._attempt(item)
+            with log_context(
+                item=item.id, destination=item.destination, study=item.study_uid, revision=item.revision
+            ):
+                return self._attempt(item)
         finally:
             self.leases.release_item(item.id)
 
@@ -102,9 +106,7 @@ class OutboxRunner:
         repo.outbox_failed(self.db, item.id, status, error[:500], now, next_at)
         self.metrics.export_attempt(item.destination, sent=False, will_retry=will_retry)
         log.warning(
-            "delivery of item %d to %s failed (attempt %d of %d): %s%s",
-            item.id,
-            item.destination,
+            "delivery failed (attempt %d of %d): %s%s",
             attempt,
             self.config.max_attempts,
             error,

@@ -27,6 +27,7 @@ from inference.routing import KeywordTable
 from inference.values import Priority, StudyResult
 from node.analysis import AnalysisConfig, analyse_study
 from node.hl7 import accession_number_of, build_oru
+from node.logcontext import log_context
 from node.metrics import Metrics, NotAnalysedReason
 from node.modelset import ModelSet
 from node.outputs import OutputConfig, summary, write_result
@@ -92,18 +93,16 @@ class StudyProcessor:
         if job is None:
             return False
         self.leases.hold_job(job.id, worker_id)
+        with log_context(study=job.study_uid, job=job.id, revision=job.revision):
+            return self._run_claimed(job, worker_id)
+
+    def _run_claimed(self, job: JobView, worker_id: str) -> bool:
         try:
             self.process(job, worker_id)
         except Exception as exc:  # noqa: BLE001 - the job's boundary (see above)
             reason = failure_reason(exc)
             log.error(
-                "study processing failed (job %d, study %s, revision %d, attempt %d of %d): %s",
-                job.id,
-                job.study_uid,
-                job.revision,
-                job.attempts,
-                job.max_attempts,
-                reason,
+                "study processing failed (attempt %d of %d): %s", job.attempts, job.max_attempts, reason
             )
             self.metrics.processing_failures.labels(stage="report").inc()
             state = repo.fail_job(
@@ -111,7 +110,7 @@ class StudyProcessor:
             )
             if state in (JobState.DEAD, JobState.FAILED):
                 self.metrics.studies_failed.inc()
-                log.error("study %s given up after %d attempts: %s", job.study_uid, job.attempts, reason)
+                log.error("study given up after %d attempts: %s", job.attempts, reason)
         finally:
             self.leases.release_job(job.id)
         return True

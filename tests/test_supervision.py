@@ -4,7 +4,9 @@ are renewed while their holder lives and reaped when it dies, a job's failures a
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ from pynetdicom import AE
 
 from inference.routing import load_keywords
 from node.analysis import AnalysisConfig
+from node.logcontext import ContextFilter, log_context
 from node.metrics import Metrics
 from node.modelset import load_model_set
 from node.outputs import OutputConfig
@@ -201,9 +204,26 @@ def test_failures_are_bounded_by_max_attempts_and_the_next_study_is_analysed(
         WorkerConfig(retry_delay_s=0.0),
     )
     processor.explode_for = {bad_study}
-    for _ in range(3):  # bad (1st attempt), good, bad (2nd and last attempt)
-        assert processor.run_once("w")
-    assert not processor.run_once("w")
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.addFilter(ContextFilter())
+    worker_log = logging.getLogger("node.worker")
+    worker_log.addHandler(handler)
+    level = worker_log.level
+    worker_log.setLevel(logging.INFO)
+    try:
+        for _ in range(3):  # bad (1st attempt), good, bad (2nd and last attempt)
+            assert processor.run_once("w")
+        assert not processor.run_once("w")
+    finally:
+        worker_log.removeHandler(handler)
+        worker_log.setLevel(level)
+    # Every line about a job says which study, job and revision it is about.
+    logged = lines.getvalue().splitlines()
+    failed = [line for line in logged if line.startswith("study processing failed")]
+    assert len(failed) == 2
+    assert all(f"[study={bad_study} job=" in line and "revision=1]" in line for line in failed)
+    assert any(line.startswith("study processed") and f"study={good_study}" in line for line in logged)
 
     bad = repo.get_study(node.db, bad_study)
     assert bad is not None and bad.study.state is StudyState.FAILED
@@ -279,3 +299,27 @@ logging.getLogger("node.worker").info("study processed (job %d)", 7)
     assert done.returncode == 0, done.stderr
     assert "1931-13-45" not in done.stderr and "DOE^JOHN" not in done.stderr
     assert "withheld" in done.stderr and "study processed (job 7)" in done.stderr
+
+
+def test_log_context_nests_and_is_per_thread() -> None:
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.addFilter(ContextFilter())
+    logger = logging.getLogger("test.logcontext")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with log_context(study="1.2.3", job=7):
+            with log_context(destination="pacs", missing=None):
+                logger.info("sent %d objects", 2)
+            other = threading.Thread(target=lambda: logger.info("elsewhere"))
+            other.start()
+            other.join()
+        logger.info("after")
+    finally:
+        logger.removeHandler(handler)
+    assert lines.getvalue().splitlines() == [
+        "sent 2 objects [study=1.2.3 job=7 destination=pacs]",
+        "elsewhere",
+        "after",
+    ]
