@@ -202,6 +202,7 @@ class Node:
                     lease_seconds=s.worker.lease_seconds,
                     retry_delay_s=s.worker.retry_delay_s,
                     hl7_sending_application=s.hl7.sending_application,
+                    hl7_sending_facility=s.hl7.sending_facility,
                     hl7_receiving_application=s.hl7.receiving_application,
                     hl7_receiving_facility=s.hl7.receiving_facility,
                 ),

@@ -48,6 +48,7 @@ class WorkerConfig:
     retry_delay_s: float = 30.0
     idle_poll_s: float = 1.0
     hl7_sending_application: str = "FRACNODE"
+    hl7_sending_facility: str = ""
     hl7_receiving_application: str = "RIS"
     hl7_receiving_facility: str = "HOSPITAL"
 
@@ -180,6 +181,7 @@ class StudyProcessor:
             result,
             accession_number=accession,
             sending_app=self.config.hl7_sending_application,
+            sending_facility=self.config.hl7_sending_facility,
             receiving_app=self.config.hl7_receiving_application,
             receiving_facility=self.config.hl7_receiving_facility,
             control_id=_control_id(result),
