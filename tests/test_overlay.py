@@ -151,8 +151,9 @@ def test_header_carries_the_out_of_group_warning() -> None:
     inside = study_result(sources).groups[0]
     outside = study_result(sources, out_of_group=True, region=Region.ELBOW).groups[0]
     lines = header_lines(outside, outside.images[0])
-    assert lines[0][0] == "upper-distal: fracture PRESENT"
-    assert "study p=0.82" in lines[1][0] and "this image p=0.50" in lines[1][0]
+    assert lines[0][0].startswith("upper-distal: fracture PRESENT \u2014 p 0.82 \u2265 0.70")
+    assert lines[1][0] == "this image p 0.50"
+    assert lines[2][0] == "Region: elbow (from the header: Body Part Examined; routing confidence 100 %)"
     assert lines[-1][1] == WARNING_COLOUR and "elbow" in lines[-1][0] and "out of group" in lines[-1][0]
     assert all(colour != WARNING_COLOUR for _, colour in header_lines(inside, inside.images[0]))
     for group, expected in ((outside, True), (inside, False)):
@@ -163,16 +164,35 @@ def test_header_carries_the_out_of_group_warning() -> None:
         assert (_share(band, WARNING_COLOUR) > 0) == expected
 
 
+_MODEL = "upper-distal-classifier 1.0.0"
+
+
 @pytest.mark.parametrize(
-    ("outcome", "words"),
+    ("outcome", "probability", "words"),
     [
-        (Outcome.POSITIVE, "fracture PRESENT"),
-        (Outcome.POSSIBLE, "fracture POSSIBLE"),
-        (Outcome.NEGATIVE, "no fracture found"),
+        (
+            Outcome.POSITIVE,
+            0.82,
+            "fracture PRESENT \u2014 p 0.82 \u2265 0.70, the high-specificity threshold of "
+            f"{_MODEL} (validation sensitivity 72 %, specificity 95 %)",
+        ),
+        (
+            Outcome.POSSIBLE,
+            0.45,
+            "fracture POSSIBLE \u2014 p 0.45 \u2265 0.30, the high-sensitivity threshold of "
+            f"{_MODEL} (validation sensitivity 95 %, specificity 55 %); below 0.70, its "
+            "high-specificity threshold",
+        ),
+        (
+            Outcome.NEGATIVE,
+            0.12,
+            "no fracture found \u2014 p 0.12 below 0.30, the high-sensitivity threshold of "
+            f"{_MODEL} (validation sensitivity 95 %, specificity 55 %)",
+        ),
     ],
 )
-def test_header_outcome_words(outcome: Outcome, words: str) -> None:
-    group = study_result(wrist_sources(1), outcome=outcome).groups[0]
+def test_header_outcome_words(outcome: Outcome, probability: float, words: str) -> None:
+    group = study_result(wrist_sources(1), outcome=outcome, probability=probability).groups[0]
     assert header_lines(group, group.images[0])[0][0] == f"upper-distal: {words}"
 
 
@@ -268,8 +288,12 @@ def test_summary_sc(tmp_path: Path) -> None:
     assert back.BurnedInAnnotation == "YES" and back.Laterality == "R"
     lines = summary_lines(result)
     texts = [text for text, _ in lines]
-    assert "upper-distal: fracture PRESENT" in texts
-    assert any("p=0.82 at high_specificity" in text and "regions elbow" in text for text in texts)
+    assert texts[2] == (
+        "upper-distal: fracture PRESENT \u2014 p 0.82 \u2265 0.70, the high-specificity threshold of "
+        "upper-distal-classifier 1.0.0 (validation sensitivity 72 %, specificity 95 %)"
+    )
+    assert texts[3] == "    regions elbow; 2 image(s), 0 box(es)"
+    assert texts[4] == "    region elbow, from the header (Body Part Examined), confidence 100 %"
     assert [text for text, colour in lines if colour == WARNING_COLOUR] == [
         "    WARNING: out of group - read by the upper-distal model, not validated there"
     ]
@@ -307,7 +331,10 @@ def test_gsps_carries_the_boxes(tmp_path: Path) -> None:
         )
     texts = [item.UnformattedTextValue for item in layers["AI_TEXT"].TextObjectSequence]
     assert texts[:2] == ["0.81", "0.40"]  # the hidden box has no label either
-    assert texts[2].startswith("upper-distal: fracture PRESENT") and "out of group" in texts[2]
+    assert texts[2].startswith("upper-distal: fracture PRESENT \u2014 p 0.82")
+    assert any("out of group" in text for text in texts[3:])
+    boxes = [item.BoundingBoxTopLeftHandCorner[1] for item in layers["AI_TEXT"].TextObjectSequence[2:]]
+    assert boxes == sorted(boxes) and len(set(boxes)) == len(boxes)  # one line each, top down
 
 
 def test_gsps_on_a_monochrome1_cr(tmp_path: Path, rg3_files: dict[str, Path]) -> None:

@@ -66,6 +66,7 @@ def _texts(group: hd.sr.Template, name: tuple[str, str]) -> list[str]:
 ALGORITHM_NAME = ("111001", "DCM")
 ALGORITHM_VERSION = ("111003", "DCM")
 ALGORITHM_PARAMETERS = ("111002", "DCM")
+COMMENT = ("121106", "DCM")
 
 BOXES = (
     (Box(10.5, 20.0, 40.0, 60.0, 0.81), Box(50.0, 70.0, 80.0, 100.0, 0.40)),
@@ -126,7 +127,12 @@ def test_content_tree_is_tid_1500_with_the_findings(tmp_path: Path) -> None:
     ]
     referenced = {item.referenced_sop_instance_uid for item in study_level.source_images}
     assert referenced == {str(ds.SOPInstanceUID) for ds in sources}
-    assert _texts(study_level, ("121106", "DCM")) == []  # in group: no warning
+    # In group: the outcome with its operating point and how the site was decided, no warning.
+    assert _texts(study_level, COMMENT) == [
+        "upper-distal: fracture PRESENT \u2014 p 0.82 \u2265 0.70, the high-specificity threshold of "
+        "upper-distal-classifier 1.0.0 (validation sensitivity 72 %, specificity 95 %)",
+        "Finding site determination: wrist, from the header (Body Part Examined), confidence 100 %",
+    ]
 
     # Per box: a planar ROI with the box as a closed POLYLINE on its source image.
     rois = report.get_planar_roi_measurement_groups()
@@ -158,6 +164,9 @@ def test_content_tree_is_tid_1500_with_the_findings(tmp_path: Path) -> None:
         assert box.probability >= LOOSE
         assert _code(call.value) == (expected_call, "SCT")
         assert _texts(roi, ALGORITHM_NAME) == [detector.name]  # TID 4019 of the detector
+        assert _texts(roi, COMMENT) == [
+            "Finding site determination: wrist, from the header (Body Part Examined), confidence 100 %"
+        ]
 
 
 def test_identification_per_ihe_ai_results(tmp_path: Path) -> None:
@@ -212,7 +221,7 @@ def test_out_of_group_warning_is_a_comment(tmp_path: Path) -> None:
     result = study_result(sources, out_of_group=True, region=Region.ELBOW)
     _, sr = _build_and_read(result, sources, tmp_path)
     (group,) = sr.content.get_image_measurement_groups()
-    (warning,) = _texts(group, ("121106", "DCM"))
+    (warning,) = [text for text in _texts(group, COMMENT) if text.startswith("Warning")]
     assert warning.startswith("Warning: out of group.")
     assert "elbow" in warning and "upper-distal" in warning
     (site,) = group.finding_sites

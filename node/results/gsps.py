@@ -5,18 +5,29 @@ presentation states draws the boxes over the original pixels instead of a burned
 
 - layer ``AI_POSITIVE`` (red): boxes past the detector's high-specificity point;
 - layer ``AI_POSSIBLE`` (amber): boxes past its high-sensitivity point only;
-- layer ``AI_TEXT``: each box's probability next to it, and the outcome line (with the
-  out-of-group warning) in the image's top left corner, in display units.
+- layer ``AI_TEXT``: each box's probability next to it, and the overlay's header lines
+  (:func:`node.results.overlay.header_lines`: outcome and operating point, image probability,
+  how the region was decided, out-of-group warning, priority note), one text object per line
+  from the image's top left corner down, in display units.
 
 Boxes are closed POLYLINEs in source pixels, the same coordinates as the SR's image regions.
 The source's VOI window is kept; a MONOCHROME1 source gets an INVERSE presentation LUT so it is
-shown the way its modality meant. Series Laterality is set, which a paired body part needs.
+shown the way its modality meant. A colour source (three samples per pixel: RGB or YBR, which the
+node reads as grey) cannot be referenced by a grayscale presentation state: it gets a Color
+Softcopy Presentation State (PS3.3 A.34) with the same layers and the sRGB v4 ICC profile that
+highdicom ships (the node reads colour pixels as sRGB; the checked source view carries no
+profile of its own).
+
+Laterality (0020,0060), Type 2C in General Series (PS3.3 C.7.3.1), is always written because
+every analysed region is a paired limb: the source's side, else the routed one, else empty.
 
 Errors: :class:`node.results.common.ResultBuildError` and its subclasses (see there).
 """
 
 from __future__ import annotations
 
+import functools
+import pkgutil
 from collections.abc import Mapping
 
 import highdicom as hd
@@ -24,6 +35,7 @@ from highdicom.color import CIELabColor
 from pydicom.dataset import Dataset
 
 from inference.values import StudyResult
+from node import received
 from node.results.common import (
     CHARACTER_SET,
     GSPS_SERIES_NUMBER,
@@ -37,10 +49,14 @@ from node.results.common import (
 from node.results.overlay import LineStyle, analysed_images, drawn_boxes, header_lines, laterality_of
 from node.results.sr import box_polyline
 from node.results.uids import Role, model_versions, result_uid
+from node.results.wording import priority_lines
 
 POSITIVE_LAYER = "AI_POSITIVE"
 POSSIBLE_LAYER = "AI_POSSIBLE"
 TEXT_LAYER = "AI_TEXT"
+CONTENT_LABEL = "FRACTURE_AI"
+LINE_HEIGHT = 0.045  # display units per header line: one text object per line, top down
+CONTENT_DESCRIPTION = "AI fracture boxes; not for diagnostic use"
 
 
 def _layers() -> dict[str, hd.pr.GraphicLayer]:
@@ -66,7 +82,8 @@ def build_gsps(
     *,
     software_version: str,
 ) -> list[Dataset]:
-    """One GSPS per analysed image frame of ``result`` that has boxes to show or an outcome to state."""
+    """One presentation state per analysed image frame of ``result`` (grayscale, or colour for a
+    colour source): its boxes and the outcome as the overlay's header words it."""
     versions = model_versions(result)
     series_uid = result_uid(result.study_instance_uid, versions, result.revision, Role.GSPS_SERIES)
     layers = _layers()
@@ -105,14 +122,15 @@ def build_gsps(
             )
             for d in drawn
         ]
-        header = " | ".join(text for text, _ in header_lines(group, image))
-        texts.append(
+        header = header_lines(group, image, priority_lines(result, group))
+        texts.extend(
             hd.pr.TextObject(
-                text_value=header[:1024],
+                text_value=text[:1024],
                 units=hd.pr.AnnotationUnitsValues.DISPLAY,
-                bounding_box=(0.01, 0.01, 0.99, 0.08),
+                bounding_box=(0.01, 0.01 + row * LINE_HEIGHT, 0.99, 0.01 + (row + 1) * LINE_HEIGHT),
                 text_justification=hd.pr.TextJustificationValues.LEFT,
             )
+            for row, (text, _) in enumerate(header)
         )
         annotations.append(
             hd.pr.GraphicAnnotation(
@@ -122,34 +140,88 @@ def build_gsps(
                 text_objects=texts,
             )
         )
-        inverse = source.get("PhotometricInterpretation") == "MONOCHROME1"
-        gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-            referenced_images=[source],
-            series_instance_uid=series_uid,
-            series_number=GSPS_SERIES_NUMBER,
-            sop_instance_uid=result_uid(
+        state = _presentation_state(
+            source,
+            annotations,
+            [layers[name] for name in (POSITIVE_LAYER, POSSIBLE_LAYER, TEXT_LAYER)],
+            series_uid=series_uid,
+            sop_uid=result_uid(
                 result.study_instance_uid, versions, result.revision, Role.GSPS_INSTANCE, index
             ),
             instance_number=index + 1,
+            software_version=software_version,
+            equipment=model_equipment(group.models),
+        )
+        state.Laterality = laterality_of(source, image) or ""
+        out.append(state)
+    return out
+
+
+def _presentation_state(
+    source: Dataset,
+    annotations: list[hd.pr.GraphicAnnotation],
+    layers: list[hd.pr.GraphicLayer],
+    *,
+    series_uid: str,
+    sop_uid: str,
+    instance_number: int,
+    software_version: str,
+    equipment: list[hd.ContributingEquipment],
+) -> Dataset:
+    """A Color Softcopy Presentation State for a colour source, else a Grayscale one whose
+    presentation LUT shows a MONOCHROME1 source inverted, as its modality meant."""
+    if received.integer(source, "SamplesPerPixel") == 3:
+        return hd.pr.ColorSoftcopyPresentationState(
+            referenced_images=[source],
+            series_instance_uid=series_uid,
+            series_number=GSPS_SERIES_NUMBER,
+            sop_instance_uid=sop_uid,
+            instance_number=instance_number,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=MANUFACTURER,
             software_versions=software_version,
             device_serial_number="",
-            content_label="FRACTURE_AI",
-            content_description="AI fracture boxes; not for diagnostic use",
+            content_label=CONTENT_LABEL,
+            content_description=CONTENT_DESCRIPTION,
             graphic_annotations=annotations,
-            graphic_layers=[layers[name] for name in (POSITIVE_LAYER, POSSIBLE_LAYER, TEXT_LAYER)],
-            presentation_lut_transformation=hd.PresentationLUTTransformation(
-                presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
-                if inverse
-                else hd.PresentationLUTShapeValues.IDENTITY
-            ),
-            contributing_equipment=model_equipment(group.models),
+            graphic_layers=layers,
+            contributing_equipment=equipment,
             series_description=SERIES_DESCRIPTION,
             specific_character_set=CHARACTER_SET,
+            icc_profile=_srgb_profile(),
         )
-        side = laterality_of(source, image)
-        if side is not None:
-            gsps.Laterality = side
-        out.append(gsps)
-    return out
+    inverse = source.get("PhotometricInterpretation") == "MONOCHROME1"
+    return hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[source],
+        series_instance_uid=series_uid,
+        series_number=GSPS_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=software_version,
+        device_serial_number="",
+        content_label=CONTENT_LABEL,
+        content_description=CONTENT_DESCRIPTION,
+        graphic_annotations=annotations,
+        graphic_layers=layers,
+        presentation_lut_transformation=hd.PresentationLUTTransformation(
+            presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
+            if inverse
+            else hd.PresentationLUTShapeValues.IDENTITY
+        ),
+        contributing_equipment=equipment,
+        series_description=SERIES_DESCRIPTION,
+        specific_character_set=CHARACTER_SET,
+    )
+
+
+@functools.cache
+def _srgb_profile() -> bytes:
+    """The ICC's sRGB v4 colour-space ("spac") profile that highdicom ships and uses as its own
+    default for pseudo-colour presentation states; PS3.3 C.11.15.1.1 wants an input or colour
+    space profile, so a monitor profile such as Little CMS's built-in sRGB does not do."""
+    data = pkgutil.get_data("highdicom", "_icc_profiles/sRGB_v4_ICC_preference.icc")
+    if data is None:
+        raise RuntimeError("highdicom's sRGB ICC profile is missing from its installation")
+    return data

@@ -8,14 +8,23 @@ between a header band and a footer band so no text covers anatomy:
   when it passes only the high-sensitivity point (boxes below both are not drawn), with its
   probability next to it; the localiser is the group's map model (its box operating points),
   else its detector;
-- a header with the group outcome, the study and image probabilities and the operating point, and
-  the out-of-group warning when it applies;
+- a header (:func:`header_lines`, worded by :mod:`node.results.wording`): the group outcome with
+  the operating point behind it (threshold, model, validation sensitivity and specificity), the
+  image's own probability, how the image's region was decided and with what confidence (in
+  amber and in capitals when only the image classifier named it), the out-of-group warning and
+  the study's priority note for the group when it applies;
 - a footer "AI result - not for diagnostic use" (with an em dash) and a legend of the line styles.
 
 BurnedInAnnotation is YES: the text is part of the pixels (PS3.3 C.7.6.1.1.11). The transfer
 syntax is a setting: explicit VR little endian (RGB), JPEG-LS lossless (RGB) or JPEG baseline,
 which PS3.5 8.2.1 wants as YBR_FULL_422. Small images are enlarged (nearest neighbour, by an
-integer factor) so the text fits; box coordinates are scaled with them.
+integer factor) so the text fits; box coordinates are scaled with them. Header lines are wrapped
+to the canvas width, never cut.
+
+Laterality (0020,0060) is Type 2C in the General Series module (PS3.3 C.7.3.1): required for a
+paired body part when Image Laterality is absent (the SC carries none). Every analysed
+region is a limb, so it is always written: the source's side, else the routed one, and empty
+(known to be paired, side unknown) when neither names R or L.
 
 Errors: :class:`node.results.common.ResultBuildError` and its subclasses (see there), plus
 :class:`MissingFrameError` when the windowed pixels of an analysed frame are not passed in.
@@ -39,7 +48,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
 
 from inference.modelcard import HIGH_SENSITIVITY, HIGH_SPECIFICITY, ModelCard
-from inference.values import Box, GroupResult, ImageResult, Outcome, StudyResult
+from inference.values import Box, GroupResult, ImageResult, StudyResult
 from node.results.common import (
     CHARACTER_SET,
     MANUFACTURER,
@@ -54,6 +63,7 @@ from node.results.common import (
     source_of,
 )
 from node.results.uids import Role, model_versions, result_uid
+from node.results.wording import guessed, outcome_explanation, priority_lines, region_line
 
 ScSyntax = Literal["explicit", "jpeg-ls", "jpeg-baseline"]
 
@@ -127,7 +137,7 @@ def build_overlays(
         rgb = render_overlay(
             frames[key],
             drawn_boxes(image.boxes, detector_of(group.models)),
-            header=header_lines(group, image),
+            header=header_lines(group, image, priority_lines(result, group)),
             footer=[SC_FOOTER],
         ).pixels
         sc = derived_sc(
@@ -183,7 +193,7 @@ def derived_sc(
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         patient_orientation=("L", "F"),  # replaced by the source's value below
-        laterality=laterality_of(source, image),
+        laterality=laterality_of(source, image),  # Type 2C: emptied below when unknown
         transfer_syntax_uid=syntax,
         contributing_equipment=model_equipment(group.models),
         series_description=series_description,
@@ -193,6 +203,8 @@ def derived_sc(
     )
     # Rows and columns keep the source's directions (bands are added above and below only).
     sc.PatientOrientation = source.get("PatientOrientation", "")
+    if "Laterality" not in sc:
+        sc.Laterality = ""  # a limb is paired: present, empty when the side is unknown
     sc.BurnedInAnnotation = "YES" if burned_in_annotation else "NO"
     sc.DerivationDescription = derivation
     reference = Dataset()
@@ -233,29 +245,29 @@ def drawn_boxes(boxes: Sequence[Box], detector: ModelCard | None) -> list[DrawnB
     return drawn
 
 
-OUTCOME_WORDS = {
-    Outcome.POSITIVE: "fracture PRESENT",
-    Outcome.POSSIBLE: "fracture POSSIBLE",
-    Outcome.NEGATIVE: "no fracture found",
-    Outcome.NOT_ANALYSED: "not analysed",
-}
+def header_lines(
+    group: GroupResult, image: ImageResult, notes: Sequence[str] = ()
+) -> list[tuple[str, tuple[int, int, int]]]:
+    """The header text, top to bottom (the renderer wraps each entry to the canvas width):
 
-
-def header_lines(group: GroupResult, image: ImageResult) -> list[tuple[str, tuple[int, int, int]]]:
-    """The header text: outcome line, probabilities line, then the out-of-group warning."""
-    words = OUTCOME_WORDS[group.outcome]
-    if group.outcome == Outcome.NOT_ANALYSED and group.reason:
-        words = f"{words}: {group.reason}"
-    lines: list[tuple[str, tuple[int, int, int]]] = [(f"{group.group}: {words}", TEXT_COLOUR)]
-    numbers: list[str] = []
-    if group.probability is not None:
-        numbers.append(f"study p={group.probability:.2f}")
+    1. ``<group>: <outcome explanation>`` (:func:`node.results.wording.outcome_explanation`);
+    2. ``this image p 0.50`` and, for a group of several images, that the outcome uses p over all
+       of them;
+    3. how this image's region was decided (:func:`node.results.wording.region_line`), amber when
+       it was guessed from the pixels;
+    4. the out-of-group warning, amber, when it applies;
+    5. ``notes``: the study's priority notes about this group
+       (:func:`node.results.wording.priority_lines`).
+    """
+    lines: list[tuple[str, tuple[int, int, int]]] = [
+        (f"{group.group}: {outcome_explanation(group)}", TEXT_COLOUR)
+    ]
     if image.probability is not None:
-        numbers.append(f"this image p={image.probability:.2f}")
-    if group.operating_point:
-        numbers.append(f"operating point {group.operating_point}")
-    if numbers:
-        lines.append((", ".join(numbers), TEXT_COLOUR))
+        text = f"this image p {image.probability:.2f}"
+        if len(group.images) > 1:
+            text += f"; the outcome uses p over all {len(group.images)} images of the group"
+        lines.append((text, TEXT_COLOUR))
+    lines.append((region_line(image.routing), WARNING_COLOUR if guessed(image.routing) else TEXT_COLOUR))
     if group.out_of_group:
         lines.append(
             (
@@ -264,6 +276,7 @@ def header_lines(group: GroupResult, image: ImageResult) -> list[tuple[str, tupl
                 WARNING_COLOUR,
             )
         )
+    lines.extend((note, TEXT_COLOUR) for note in notes)
     return lines
 
 

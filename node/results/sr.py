@@ -11,14 +11,32 @@ Content tree (PS3.16 TID 1500, built with highdicom's template classes):
   the qualitative evaluation "Fracture of bone" = Present / Equivocal / Absent / Undetermined, the
   calibrated probability (DCM "Probability", UCUM "1"), the finding site(s) with laterality, the
   source images, TID 4019 of the group's classifier whose parameters name the operating point used,
-  and TEXT comments for the out-of-group warning and for reasons of images or groups not analysed.
+  and TEXT comments (below) for the outcome's operating point, the finding site determination,
+  the out-of-group warning, the priority note and the reasons of images or groups not analysed.
 - Per detected box, one TID 1410 planar ROI group: a closed POLYLINE ImageRegion on the source image
   (five (column, row) points in source pixels; DICOM puts 0.0 at the outer corner of the first pixel,
   PS3.3 C.18.6.1.1, the same convention as :class:`inference.values.Box`), finding "Fracture of
   bone", the finding site of the image's region with its laterality, the box probability and, when
   the localiser has its (box) operating points, Present (past high specificity) or Equivocal. The
   localiser is the group's map model (kind ``segmenter``), else its detector; it is named by TID
-  4019 in each box group.
+  4019 in each box group, with the finding site determination of its image.
+
+The explanations are TEXT items with the standard concept name (121106, DCM, "Comment"), which
+the qualitative evaluation row of TID 1501/1410 admits, worded by :mod:`node.results.wording`:
+
+- the outcome with the operating point behind it: "<group>: fracture PRESENT — p 0.82 ≥ 0.70, the
+  high-specificity threshold of <model> <version> (validation sensitivity 72 %, specificity 95 %)";
+- "Finding site determination: wrist, from the header (Body Part Examined), confidence 95 %" or
+  "... wrist, GUESSED FROM THE IMAGE by the region classifier, confidence 83 % — check the body
+  part" (", below the confidence threshold" when analysed on a weak guess), one per distinct
+  decision, naming its images ("image 2", "images 1, 3") when the group's images differ;
+- "Worklist priority: positive capped at review (read out of group: REVIEW at most)" when the
+  study's priority notes capped the group.
+
+No coded concept fits the site determination: PS3.16 has none for how a finding site was
+determined or how sure that was (DCM 111012 "Certainty of Finding" is about the finding, not
+its site; TID 1501's Finding Site takes only laterality and topographical modifiers), so a
+private code would be the alternative, and a Comment any SR reader shows is the better one.
 
 VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY, UIDs from :mod:`node.results.uids`.
 
@@ -37,7 +55,7 @@ from pydicom.sr.codedict import codes
 
 from inference.modelcard import HIGH_SENSITIVITY, HIGH_SPECIFICITY, ModelCard
 from inference.regions import Region
-from inference.values import Box, GroupResult, ImageResult, Outcome, StudyResult
+from inference.values import Box, GroupResult, ImageResult, StudyResult
 from node.results import codes as fc
 from node.results.common import (
     CHARACTER_SET,
@@ -53,6 +71,7 @@ from node.results.common import (
     source_of,
 )
 from node.results.uids import Role, model_versions, result_uid
+from node.results.wording import outcome_explanation, priority_lines, site_determinations
 
 
 def build_sr(
@@ -156,7 +175,7 @@ def _group_evaluation(
         ],
         source_images=_source_images(result, sources, group.images),
     )
-    _comment(evaluation, _group_comments(group))
+    _comment(evaluation, _group_comments(result, group))
     return evaluation
 
 
@@ -181,21 +200,19 @@ def _box_groups(
             call = _box_call(card, box) if card is not None else None
             if call is not None:
                 evaluations.append(hd.sr.QualitativeEvaluation(name=fc.FRACTURE_OF_BONE, value=call))
-            out.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking(f"{group.group} image {image_number} box {number}"),
-                    referenced_region=region,
-                    finding_type=fc.FRACTURE_OF_BONE,
-                    algorithm_id=_algorithm(card, None) if card is not None else None,
-                    finding_sites=_sites((image.routing.region,), (image,)) or None,
-                    measurements=[
-                        hd.sr.Measurement(
-                            name=fc.PROBABILITY, value=float(box.probability), unit=fc.UNIT_RATIO
-                        )
-                    ],
-                    qualitative_evaluations=evaluations or None,
-                )
+            roi = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(f"{group.group} image {image_number} box {number}"),
+                referenced_region=region,
+                finding_type=fc.FRACTURE_OF_BONE,
+                algorithm_id=_algorithm(card, None) if card is not None else None,
+                finding_sites=_sites((image.routing.region,), (image,)) or None,
+                measurements=[
+                    hd.sr.Measurement(name=fc.PROBABILITY, value=float(box.probability), unit=fc.UNIT_RATIO)
+                ],
+                qualitative_evaluations=evaluations or None,
             )
+            _comment(roi, site_determinations([image.routing]))
+            out.append(roi)
     return out
 
 
@@ -310,16 +327,16 @@ def _source_images(
     return items or None
 
 
-def _group_comments(group: GroupResult) -> list[str]:
-    comments: list[str] = []
+def _group_comments(result: StudyResult, group: GroupResult) -> list[str]:
+    comments = [f"{group.group}: {outcome_explanation(group)}"]
+    comments.extend(site_determinations([image.routing for image in group.images]))
     if group.out_of_group:
         regions = ", ".join(str(region) for region in group.regions)
         comments.append(
             f"Warning: out of group. {regions} read by the {group.group} model, which was not "
             "trained on this region; its accuracy there is not validated."
         )
-    if group.outcome == Outcome.NOT_ANALYSED:
-        comments.append(f"{group.group} not analysed: {group.reason or 'no reason recorded'}")
+    comments.extend(priority_lines(result, group))
     comments.extend(_image_reasons(group.images))
     return comments
 

@@ -1,9 +1,12 @@
 """The optional study summary: one Secondary Capture that a PACS user reads at a glance.
 
 A text card in the overlay series (setting ``export.summary_sc``): each anatomical group's
-outcome with its probability, operating point, regions, image and box counts, the out-of-group
-warning, the images not analysed and why, the models and their versions, and the footer "AI
-result - not for diagnostic use". Same patient and study as the sources; BurnedInAnnotation YES.
+outcome with the operating point behind it (:func:`node.results.wording.outcome_explanation`),
+its regions, image and box counts, how its images' regions were decided (amber when guessed
+from the pixels), the out-of-group warning, the study's priority notes, the images not analysed
+and why, the models and their versions, and the footer "AI result - not for diagnostic use".
+Same patient and study as the sources; BurnedInAnnotation YES; Laterality (Type 2C, PS3.3
+C.7.3.1) the one side every image shows, else present and empty.
 
 Errors: :class:`node.results.common.ResultBuildError` and its subclasses (see there).
 """
@@ -15,7 +18,7 @@ from collections.abc import Mapping
 import highdicom as hd
 from pydicom.dataset import Dataset
 
-from inference.values import Outcome, StudyResult
+from inference.values import StudyResult
 from node.results.common import (
     CHARACTER_SET,
     MANUFACTURER,
@@ -27,7 +30,6 @@ from node.results.common import (
     unique_cards,
 )
 from node.results.overlay import (
-    OUTCOME_WORDS,
     TEXT_COLOUR,
     WARNING_COLOUR,
     analysed_images,
@@ -35,6 +37,7 @@ from node.results.overlay import (
     sc_syntax,
 )
 from node.results.uids import Role, model_versions, result_uid
+from node.results.wording import guessed, outcome_explanation, priority_lines, site_determination
 
 Line = tuple[str, tuple[int, int, int]]
 
@@ -46,18 +49,18 @@ def summary_lines(result: StudyResult) -> list[Line]:
         ("", TEXT_COLOUR),
     ]
     for group in result.groups:
-        words = OUTCOME_WORDS[group.outcome]
-        if group.outcome == Outcome.NOT_ANALYSED and group.reason:
-            words = f"{words}: {group.reason}"
-        lines.append((f"{group.group}: {words}", TEXT_COLOUR))
-        details: list[str] = []
-        if group.probability is not None:
-            point = f" at {group.operating_point}" if group.operating_point else ""
-            details.append(f"p={group.probability:.2f}{point}")
-        details.append("regions " + ", ".join(str(region) for region in group.regions))
+        lines.append((f"{group.group}: {outcome_explanation(group)}", TEXT_COLOUR))
+        details = ["regions " + ", ".join(str(region) for region in group.regions)]
         boxes = sum(len(image.boxes) for image in group.images)
         details.append(f"{len(group.images)} image(s), {boxes} box(es)")
         lines.append(("    " + "; ".join(details), TEXT_COLOUR))
+        decided: dict[str, bool] = {}
+        for image in group.images:
+            decided.setdefault(site_determination(image.routing), guessed(image.routing))
+        lines.extend(
+            (f"    region {text}", WARNING_COLOUR if pixels else TEXT_COLOUR)
+            for text, pixels in decided.items()
+        )
         if group.out_of_group:
             lines.append(
                 (
@@ -65,6 +68,7 @@ def summary_lines(result: StudyResult) -> list[Line]:
                     WARNING_COLOUR,
                 )
             )
+        lines.extend((f"    {note}", TEXT_COLOUR) for note in priority_lines(result, group))
     if result.not_analysed:
         lines.append((f"Not analysed: {len(result.not_analysed)} image(s)", TEXT_COLOUR))
         reasons = sorted(
