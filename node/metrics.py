@@ -96,7 +96,8 @@ class Metrics:
     - ``store_seconds`` histogram ``fracnode_cstore_handling_seconds``: C-STORE handler time.
     - ``associations_active`` gauge ``fracnode_associations_active``.
     - ``associations_rejected`` counter ``fracnode_associations_rejected_total{reason}``:
-      host, ae_title, limit.
+      host, ae_title, called_ae, limit, connections (pending-connection cap), tls (handshake
+      refused), timeout (request not complete within the ACSE timeout).
     - ``echoes`` counter ``fracnode_echoes_total``; ``pdu_aborts`` counter
       ``fracnode_pdu_aborts_total`` (declared PDU longer than negotiated).
 
