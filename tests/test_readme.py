@@ -32,3 +32,22 @@ def test_every_command_in_the_readme_exists() -> None:
     commands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     named = set(re.findall(r"`fracnode (\w+)", README.read_text()))
     assert named and named <= commands, named - commands
+
+
+def test_every_module_path_in_the_readme_and_docs_exists() -> None:
+    root = README.parent
+    texts = [README, *sorted((root / "docs").glob("*.md"))]
+    named = {
+        (text.name, path)
+        for text in texts
+        for path in re.findall(r"`((?:node|inference|storage|tests|bench|deploy)/[\w./-]*)`", text.read_text())
+    }
+    def placeholder(path: str) -> bool:  # inference/bundled/NAME
+        return any(part.isupper() for part in path.split("/"))
+
+    missing = sorted(
+        f"{where}: {path}"
+        for where, path in named
+        if not placeholder(path) and not (root / path.rstrip("/")).exists()
+    )
+    assert named and missing == []
