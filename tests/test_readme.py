@@ -37,11 +37,9 @@ def test_every_command_in_the_readme_exists() -> None:
 def test_every_module_path_in_the_readme_and_docs_exists() -> None:
     root = README.parent
     texts = [README, *sorted((root / "docs").glob("*.md"))]
-    named = {
-        (text.name, path)
-        for text in texts
-        for path in re.findall(r"`((?:node|inference|storage|tests|bench|deploy)/[\w./-]*)`", text.read_text())
-    }
+    pattern = re.compile(r"`((?:node|inference|storage|tests|bench|deploy)/[\w./-]*)`")
+    named = {(text.name, path) for text in texts for path in pattern.findall(text.read_text())}
+
     def placeholder(path: str) -> bool:  # inference/bundled/NAME
         return any(part.isupper() for part in path.split("/"))
 
