@@ -492,3 +492,25 @@ def test_calibrate_a_classifier_on_a_site_csv_without_a_split(
         ["calibrate", str(package.path), "--data", str(site), "--stack-classifier", str(package.path)]
     )
     assert code == 2 and "fracture-map package only" in capsys.readouterr().err
+
+
+def test_the_node_counts_the_fractures_of_a_group_without_a_localiser_as_missed(tmp_path: Path) -> None:
+    hands = from_labelled(load_source(fracatlas(tmp_path / "hands")))
+    legs = from_labelled(load_source(fracatlas(tmp_path / "legs", region="leg")))
+    leg_classifier = load_model(classifier_package(tmp_path / "models", G.LOWER_MIDDLE, size=64))
+    upper, lower = frozenset({G.UPPER_DISTAL}), frozenset({G.LOWER_MIDDLE})
+    plans = [
+        ModelPlan(bright_model(), upper, decides=upper, localises=upper),
+        ModelPlan(leg_classifier, lower, decides=lower, localises=frozenset()),  # type: ignore[arg-type]
+    ]
+    written = run_suite(
+        hands + legs, plans, SourceInfo("fa", "fracatlas", None), tmp_path / "out", config=CONFIG,
+        progress=False,
+    )  # fmt: skip
+    node = written.data["node"]
+    assert node["localisers"] == [["upper-distal", "test-map"]]
+    rows = {r["subset"]["name"]: r["by_iou"][0] for r in node["localisation"]}
+    assert (rows["all"]["images"], rows["all"]["lesions"], rows["all"]["target"]["hits"]) == (24, 12, 6)
+    assert rows["lower-middle"]["target"]["hits"] == 0 and rows["lower-middle"]["lesions"] == 6
+    assert rows["lower-middle"]["points"][0]["threshold"] is None  # no localiser: no threshold
+    assert rows["upper-distal"]["target"]["hits"] == 6

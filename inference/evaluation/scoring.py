@@ -40,6 +40,7 @@ from inference.evaluation.detection import (
     DetectionMetrics,
     ImageDetections,
     Localisation,
+    ScoredBox,
     detection_metrics,
     localisation,
 )
@@ -406,41 +407,46 @@ def _localising_runs(runs: Sequence[ModelRun]) -> dict[AnatomicalGroup, ModelRun
 def _node_localisation(
     images: Sequence[EvalImage], runs: Sequence[ModelRun], config: EvaluationConfig
 ) -> tuple[dict[AnatomicalGroup, ModelRun], list[LocalisationRow]]:
-    """Every image's boxes from its group's localiser, held to that localiser's box points."""
+    """Every image routed as the node routes it (over the groups any model serves), its boxes from
+    its group's localiser held to that localiser's box points. An image whose group has no
+    localiser shows no box: its fractures count as missed."""
     localising = _localising_runs(runs)
     if not localising:
         return localising, []
-    available = frozenset(localising)
+    available = frozenset(g for run in runs for g in (run.served or ())) | frozenset(localising)
     position = {id(run): {int(i): p for p, i in enumerate(run.indices)} for run in localising.values()}
     found: list[ImageDetections] = []
     kept: list[int] = []
     thresholds: list[dict[str, float]] = []
+    names = [n for n in BOX_POINT_NAMES if all(n in dict(box_points(r.card)) for r in localising.values())]
     for index, image in enumerate(images):
         group = config.table.route(image.region, available)[0]
         if image.label is None or group is None:
             continue
-        run = localising[group]
-        where = position[id(run)].get(index)
-        if where is None or run.boxes is None:
-            continue
+        run = localising.get(group)
+        predictions: tuple[ScoredBox, ...] = ()
+        points = {name: math.inf for name in names}
+        if run is not None:
+            where = position[id(run)].get(index)
+            if where is None or run.boxes is None:  # the image could not be read
+                continue
+            predictions = run.boxes[where]
+            points = dict(box_points(run.card))
         kept.append(index)
-        found.append(
-            ImageDetections(image.key, image.study_id, int(image.label), image.boxes, run.boxes[where])
-        )
-        thresholds.append(dict(box_points(run.card)))
-    names = [name for name in BOX_POINT_NAMES if all(name in t for t in thresholds)]
+        found.append(ImageDetections(image.key, image.study_id, int(image.label), image.boxes, predictions))
+        thresholds.append(points)
     indices = np.asarray(kept, dtype=np.int64)
     rows = []
-    for subset, positions in subsets_of(images, indices, available, config.table):
+    for subset, positions in subsets_of(images, indices, frozenset(localising), config.table):
         chosen = [found[p] for p in positions]
-        points: list[tuple[str, float | Sequence[float]]] = [
+        per_image: list[tuple[str, float | Sequence[float]]] = [
             (name, [thresholds[p][name] for p in positions]) for name in names
         ]
         rows.append(
             LocalisationRow(
                 subset,
                 tuple(
-                    localisation(chosen, points, iou, confidence=config.confidence)
+                    localisation(chosen, per_image, iou, confidence=config.confidence)
                     for iou in LOCALISATION_IOUS
                 ),
             )

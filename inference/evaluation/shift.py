@@ -345,6 +345,8 @@ def shift_rows(
             if source in slot:
                 after[shifts[k].name][slot[source]] = moved.probabilities[p]
         per_run.append((negatives, before, after))
+        if negatives.size == 0:
+            continue
         reports.append(
             ShiftReport(
                 name=run.card.name,
@@ -521,6 +523,8 @@ def second_source_rows(
     reports = []
     for run in runs:
         positions = [p for p, i in enumerate(run.indices) if images[i].label == 1]
+        if not positions:
+            continue  # it read no image of this source
         indices = run.indices[positions]
         points = dict(thresholds_of(run.card, UNCALIBRATED_THRESHOLD))
         names = [n for n in POINT_NAMES if n in points] or list(points)
