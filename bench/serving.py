@@ -18,7 +18,7 @@ Decoding the DICOM and building the SR/SC are not included (bench/run.py measure
 pipeline). Each figure is the median over ``--repeats`` calls after two warm-up calls. The
 machine is shared: the load average at the start is printed with the results.
 
-    .venv/bin/python bench/serving.py [--package DIR ...] [--image PATH] [--repeats 20]
+    .venv/bin/python bench/serving.py [--package DIR ...] [--image PATH | --synthetic] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -65,12 +65,12 @@ def _median_ms(call: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _image(path: Path | None) -> tuple[np.ndarray, str]:
+def _image(path: Path | None, synthetic: bool = False) -> tuple[np.ndarray, str]:
     from inference.datasets import read_image
 
     if path is not None:
         return read_image(path), path.name
-    if FRACATLAS.is_dir():
+    if FRACATLAS.is_dir() and not synthetic:
         first = sorted(FRACATLAS.glob("*.jpg"))[0]
         return read_image(first), f"FracAtlas {first.name}"
     rng = np.random.default_rng(0)
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--package", type=Path, action="append", default=[], metavar="DIR")
     parser.add_argument("--image", type=Path, default=None)
+    parser.add_argument(
+        "--synthetic", action="store_true", help="a 2880 x 2304 random image (a full-size DX) instead"
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--no-bundled", action="store_true", help="only the --package models")
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             for package in args.package:
                 (directory / package.resolve().name).symlink_to(package.resolve(), target_is_directory=True)
         models = load_model_set(directory, device="cpu", include_bundled=not args.no_bundled)
-    image, what = _image(args.image)
+    image, what = _image(args.image, args.synthetic)
     load = os.getloadavg()
     print("fracnode serving cost per image (bench/serving.py)")
     print(f"date: {datetime.now(UTC).isoformat(timespec='seconds')}")

@@ -437,7 +437,7 @@ def _node_localisation(
         thresholds.append(points)
     indices = np.asarray(kept, dtype=np.int64)
     rows = []
-    for subset, positions in subsets_of(images, indices, frozenset(localising), config.table):
+    for subset, positions in subsets_of(images, indices, available, config.table):
         chosen = [found[p] for p in positions]
         per_image: list[tuple[str, float | Sequence[float]]] = [
             (name, [thresholds[p][name] for p in positions]) for name in names
