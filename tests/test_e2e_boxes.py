@@ -41,7 +41,8 @@ from tests.nodeharness import (
 )
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-PER_REGION = int(os.environ.get("FRACNODE_E2E_BOXES", "6"))  # images per region (hand, leg)
+# At most this many images per region (hand, leg); valid has 49 hand and fewer leg-only fractures.
+PER_REGION = int(os.environ.get("FRACNODE_E2E_BOXES", "6"))
 
 
 def _valid_fractures(root: Path, region: str, count: int) -> list[tuple[Path, list[tuple[float, ...]]]]:
@@ -111,7 +112,7 @@ def test_fractured_valid_images_through_the_node_carry_boxes_on_their_fractures(
         pytest.skip(f"../shared/datasets/fracatlas is not present ({root})")
     chosen = [(p, b, "HAND") for p, b in _valid_fractures(root, "hand", PER_REGION)]
     chosen += [(p, b, "LEG") for p, b in _valid_fractures(root, "leg", PER_REGION)]
-    assert len(chosen) == 2 * PER_REGION
+    assert {body for _, _, body in chosen} == {"HAND", "LEG"}
     datasets = [_dicom_of(path, body_part) for path, _, body_part in chosen]
 
     with CountingDestination() as pacs:
@@ -160,4 +161,4 @@ def test_fractured_valid_images_through_the_node_carry_boxes_on_their_fractures(
             f"{region}: {n} fractured valid images; SR/SC with boxes {with_boxes}, "
             f"a box overlapping a truth box {overlapping}, IoU >= 0.3 {hits}"
         )
-    assert counts["HAND"][0] == counts["LEG"][0] == PER_REGION
+    assert counts["HAND"][0] + counts["LEG"][0] == len(chosen)
