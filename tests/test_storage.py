@@ -461,6 +461,27 @@ def test_worklist_order_and_filters(db: Database) -> None:
     assert [s.uid for s in repo.list_studies(db, state=StudyState.DONE, limit=2)] == ["1.2.6", "1.2.5"]
 
 
+def test_a_long_worklist_surfaces_every_not_analysed_study_on_its_first_page(db: Database) -> None:
+    # 320 processed studies, 12 of them NOT ANALYSED and received first (the oldest): with the
+    # default page of 200 every one of them is shown, and the total says 320.
+    for n in range(320):
+        uid = f"1.2.{n + 1}"
+        at = T0 + timedelta(seconds=n)
+        repo.record_instance(db, rec(f"{uid}.1.1", study=uid, at=at))
+    repo.promote_quiet_studies(db, 5, T0 + timedelta(hours=1))
+    for _ in range(320):
+        job = repo.claim_job(db, "w", T0 + timedelta(hours=1), 60)
+        assert job is not None
+        number = int(job.study_uid.rsplit(".", 1)[1])
+        priority = "not_analysed" if number <= 12 else ("routine" if number % 3 else "review")
+        score = None if priority == "not_analysed" else 0.1
+        repo.finish_job(db, job.id, revision=1, priority=priority, score=score, outcome_json="{}")
+    page = repo.worklist(db)
+    assert len(page) == 200 and repo.count_worklist(db)["total"] == 320
+    shown = {s.uid for s in page if s.priority == "not_analysed"}
+    assert shown == {f"1.2.{n}" for n in range(1, 13)}
+
+
 def test_signalled_priority_never_downgrades(db: Database) -> None:
     repo.record_instance(db, rec("1.1"))
     assert repo.set_signalled_priority(db, "1.2.3", "review")

@@ -92,6 +92,14 @@ def test_a_study_is_analysed_reported_and_queued(
     (group,) = outcome["groups"]
     assert group["group"] == "upper-distal" and group["images"] == 2 and group["regions"] == ["wrist"]
     assert 0.0 <= group["probability"] <= 1.0 and group["outcome"] in ("positive", "possible", "negative")
+    # How each image's region was decided travels with the result (and GET /studies/{uid}).
+    assert [(r["region"], r["source"], r["out_of_group"]) for r in group["routing"]] == [
+        ("wrist", "body_part", False),
+        ("wrist", "body_part", False),
+    ]
+    assert all(0.0 < r["confidence"] <= 1.0 for r in group["routing"])
+    chest = [item for item in outcome["not_analysed"] if item["region"] == "other"]
+    assert chest and all("source" in item and "confidence" in item for item in chest)
     reasons = {item["region"]: item["reason"] for item in outcome["not_analysed"]}
     assert "other" in reasons and "chest" in reasons["other"].lower()
     assert any("pixel" in str(reason).lower() for reason in reasons.values()), reasons
