@@ -13,11 +13,9 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pydicom
 import pytest
 from prometheus_client import CollectorRegistry
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pydicom.uid import generate_uid
 
 from inference.routing import load_keywords
 from node.analysis import AnalysisConfig
@@ -31,9 +29,10 @@ from storage import repo
 from storage.config import StorageConfig
 from storage.db import Database
 from storage.views import JobState, StudyState
-from tests.dicomgen import DX_PRESENTATION, make_dataset
+from tests.dicomgen import make_dataset
 from tests.modelgen import all_groups
 from tests.nodeproc import InProcessNode
+from tests.test_worker import _send
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -170,16 +169,6 @@ class _Exploding(StudyProcessor):
         if job.study_uid in self.explode_for:
             raise AttributeError("'str' object has no attribute 'CodeValue'")
         return super().process(job, worker_id)
-
-
-def _send(node: InProcessNode, datasets: list[pydicom.Dataset]) -> None:
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(DX_PRESENTATION, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="FRACNODE")
-    assert assoc.is_established
-    for ds in datasets:
-        assert assoc.send_c_store(ds).Status == 0
-    assoc.release()
 
 
 def test_failures_are_bounded_by_max_attempts_and_the_next_study_is_analysed(

@@ -168,6 +168,15 @@ def _order(targets: NDArray[np.int64], outputs: int, config: LoopConfig, epoch: 
     )
 
 
+def save_checkpoint(checkpoint: Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically (a temporary file renamed over the old one), so a
+    run stopped mid-write resumes from the previous epoch."""
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    temporary = checkpoint.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(checkpoint)
+
+
 def fit(
     train_pixels: NDArray[np.uint8],
     train_targets: NDArray[np.int64],
@@ -299,9 +308,8 @@ def fit(
             record["seconds"],
         )
         if checkpoint is not None:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            temporary = checkpoint.with_suffix(".tmp")
-            torch.save(
+            save_checkpoint(
+                checkpoint,
                 {
                     "config": config.as_dict(),
                     "outputs": outputs,
@@ -316,9 +324,7 @@ def fit(
                     "history": history,
                     "seconds": time.monotonic() - began,
                 },
-                temporary,
             )
-            temporary.replace(checkpoint)
     module.load_state_dict(best_state)
     module = module.cpu().eval()
     return FitResult(

@@ -41,7 +41,7 @@ from inference.datasets import DatasetError, LabelledImage
 from inference.models.segnet import SegNet
 from inference.pixels import LetterboxTransform
 from inference.training.augment import AugmentConfig, augment_with_masks
-from inference.training.loop import TrainingError, resolve_device
+from inference.training.loop import TrainingError, resolve_device, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -403,9 +403,8 @@ def fit_segmenter(
             record["seconds"],
         )
         if checkpoint is not None:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            temporary = checkpoint.with_suffix(".tmp")
-            torch.save(
+            save_checkpoint(
+                checkpoint,
                 {
                     "config": config.as_dict(),
                     "module": module.state_dict(),
@@ -417,9 +416,7 @@ def fit_segmenter(
                     "history": history,
                     "seconds": time.monotonic() - began,
                 },
-                temporary,
             )
-            temporary.replace(checkpoint)
     module.load_state_dict(best_state)
     module = module.cpu().eval()
     return SegmenterFit(
