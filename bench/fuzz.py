@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fuzzgen import campaign  # noqa: E402
+from tests.fuzzgen import FuzzInput, campaign  # noqa: E402
 from tests.fuzzrun import FuzzCampaign, outcomes_by_kind, reasons, summary_rows  # noqa: E402
 from tests.nodeharness import CountingDestination, NodeOptions, NodeProcess  # noqa: E402
 from tests.rawdicom import hostile_pdu, send_hostile  # noqa: E402
@@ -62,6 +62,27 @@ def _table(title: str, rows: dict[str, Counter[str]]) -> str:
     return "\n".join(lines)
 
 
+def _batch(
+    run: FuzzCampaign,
+    node: NodeProcess,
+    inputs: list[FuzzInput],
+    pdu_rng: random.Random,
+    pdu_replies: dict[str, Counter[str]],
+    pdus: int,
+) -> None:
+    """``pdus`` malformed PDUs on the raw socket, then the batch and its well-formed study."""
+    for _ in range(pdus):
+        label, payload, after_associate = hostile_pdu(pdu_rng)
+        try:
+            closed = send_hostile(node.dicom_port, payload, associate_first=after_associate, bound=30.0)
+            reply = closed.reply.value
+        except OSError as exc:
+            reply = f"error:{type(exc).__name__}"
+        pdu_replies.setdefault(label.split(":")[0], Counter())[reply] += 1
+        run.ensure_running()
+    run.run_batch(inputs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,6 +95,12 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=600.0, help="seconds to wait for the last studies")
     parser.add_argument("--workdir", type=Path, default=None, help="node directory (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no new batch after this long (the report gives the exact count sent); Ctrl-C too",
+    )
     args = parser.parse_args()
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fracnode-fuzz-"))
@@ -88,20 +115,18 @@ def main() -> int:
     sent = 0
     print(f"fuzz campaign: {args.count} inputs, seed {args.seed}, batches of {args.batch}, node in {root}")
     try:
+        stopped = ""
         for number, inputs in enumerate(campaign(args.count, args.seed, args.batch), start=1):
-            for _ in range(args.pdus_per_batch):
-                label, payload, after_associate = hostile_pdu(pdu_rng)
-                try:
-                    closed = send_hostile(
-                        node.dicom_port, payload, associate_first=after_associate, bound=30.0
-                    )
-                    reply = closed.reply.value
-                except OSError as exc:
-                    reply = f"error:{type(exc).__name__}"
-                pdu_replies.setdefault(label.split(":")[0], Counter())[reply] += 1
-                run.ensure_running()
-            good = run.run_batch(inputs)
+            if args.max_minutes is not None and time.monotonic() - started > args.max_minutes * 60:
+                stopped = f"stopped after {args.max_minutes:g} min (--max-minutes)"
+                break
+            try:
+                _batch(run, node, inputs, pdu_rng, pdu_replies, args.pdus_per_batch)
+            except KeyboardInterrupt:
+                stopped = "interrupted"
+                break
             sent += len(inputs)
+            good = run.good[-1]
             acknowledged = sum(1 for r in run.results[-len(inputs) :] if r.acknowledged)
             print(
                 f"batch {number:>3}: {sent:>6} inputs, {acknowledged:>3} acknowledged, good study "
@@ -126,7 +151,7 @@ def main() -> int:
         )
         print(
             f"inputs: {len(run.results)} datasets + {sum(sum(c.values()) for c in pdu_replies.values())} "
-            f"malformed PDUs; seed {args.seed}"
+            f"malformed PDUs; seed {args.seed}" + (f"; {stopped}" if stopped else "")
         )
         print()
         print(_table("replies by kind", replies))
@@ -165,6 +190,7 @@ def main() -> int:
                         "machine": platform.machine(),
                         "count": len(run.results),
                         "seed": args.seed,
+                        "stopped": stopped or None,
                         "elapsed_s": round(elapsed),
                         "replies_by_kind": replies,
                         "outcomes_by_kind": outcomes,

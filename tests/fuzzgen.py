@@ -570,6 +570,12 @@ def _patch_marker(data: bytearray, marker: bytes, offset: int, fmt: str, values:
     return True
 
 
+def _first_fragment(pixel: bytearray) -> int:
+    """Offset of the first fragment's bytes in an encapsulated Pixel Data element (PS3.5 A.4)."""
+    (table_length,) = struct.unpack_from("<L", pixel, 12 + 4)  # the Basic Offset Table item
+    return 12 + 8 + table_length + 8
+
+
 def compressed_bomb(rng: random.Random, index: int) -> FuzzInput:
     syntax = rng.choice((JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless, RLELossless))
     pixel, bits_allocated, bits_stored, rows, cols = _compressed_template(str(syntax))
@@ -598,8 +604,10 @@ def compressed_bomb(rng: random.Random, index: int) -> FuzzInput:
             # SIZ: marker, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz (PS3.5 A.4.4, T.800 A.5.1)
             _patch_marker(patched, b"\xff\x51", 6, ">LLLLLL", (side, side, 0, 0, side, side))
         else:
-            # RLE header: 15 segments whose offsets point past the fragment (PS3.5 G.5)
-            _patch_marker(patched, struct.pack("<L", 1), 0, "<L", (15,))
+            # RLE header (PS3.5 G.5): 15 segments whose offsets point far past the fragment.
+            header = _first_fragment(patched)
+            offsets = [64] + [0x7FFFFFF0 - i for i in range(14)]
+            struct.pack_into("<16L", patched, header, 15, *offsets)
     if lie in ("dicom", "both"):
         elements.set(T["Rows"], raw_element(T["Rows"], "US", _us(side)))
         elements.set(T["Columns"], raw_element(T["Columns"], "US", _us(side)))
