@@ -168,17 +168,11 @@ REGRESSIONS = [
         "PatientName with VR SS and two values",
         _put("PatientName", "SS", b"\xb9\x97\x03\xdb"),
         "analysed",
-        open_bug="node/results/sr.py build_sr: highdicom Comprehensive3DSR gets the source's PatientName "
-        "(VR SS, two values) and raises TypeError 'Invalid type for a person name'; the study is given up "
-        "after 3 attempts",
     ),
     Regression(
         "Columns with VR UN",
         _put("Columns", "UN", b"P\x00P\x00"),
         "done",
-        open_bug="node/results/sr.py build_sr: highdicom MeasurementReport -> ImageLibraryEntryDescriptors "
-        "reads the source's Columns (VR UN, bytes) and NumContentItem raises TypeError; the study is given "
-        "up after 3 attempts",
     ),
     # Bombs: refused before decoding, with the size in the reason.
     Regression(

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.valuerep import DA, TM, DSfloat, validate_value
@@ -141,7 +141,16 @@ def _number_value(ds: Dataset, keyword: str, vr: str) -> object | None:
 
 
 def _value(ds: Dataset, keyword: str) -> object | None:
-    """The checked value of ``keyword`` in its dictionary VR, or None."""
+    """The checked value of ``keyword`` in its dictionary VR and VM, or None."""
+    value = _value_in_vr(ds, keyword)
+    # A multi-valued element where the dictionary allows one value (a PatientName sent as SS
+    # with two values, a Columns sent as UN) is not that attribute: highdicom rejects it.
+    if isinstance(value, list) and dictionary_VM(keyword) == "1":
+        return None
+    return value
+
+
+def _value_in_vr(ds: Dataset, keyword: str) -> object | None:
     vr = dictionary_VR(keyword)
     if vr == "SQ":
         found = received.items(ds, keyword)
