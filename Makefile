@@ -5,8 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # Debian packages the tests use as real peers and validators.
-APT_PACKAGES := dcmtk dicom3tools orthanc postgresql prometheus
-APT_COMMANDS := storescu dciodvfy Orthanc promtool
+APT_PACKAGES := dcmtk dicom3tools orthanc postgresql prometheus openssl
+APT_COMMANDS := storescu dciodvfy Orthanc promtool openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test venv test-deps apt-deps lint typecheck clean bench
