@@ -22,7 +22,8 @@ from node.export import ExportError, Peer, backoff_delay, send_files
 from node.hl7 import Hl7DeliveryError, send_mllp
 from node.logcontext import log_context
 from node.metrics import Metrics
-from node.supervision import LeaseBook, LoopThread, Supervisor, describe_exception
+from node.redact import safe_reason
+from node.supervision import LeaseBook, LoopThread, Supervisor
 from storage import repo
 from storage.db import Database
 from storage.views import OutboxKind, OutboxState, OutboxView
@@ -90,7 +91,7 @@ class OutboxRunner:
         try:
             status, error = self._deliver(item)
         except Exception as exc:  # noqa: BLE001 - a delivery's boundary: record it, carry on
-            status, error = None, f"delivery failed with {describe_exception(exc)}"
+            status, error = None, f"delivery failed with {safe_reason(exc)}"
         now = self.clock()
         if error is None:
             repo.outbox_delivered(self.db, item.id, status if status is not None else 0, now)

@@ -1,9 +1,9 @@
 """Keep the node's long-running threads alive, their leases fresh and the dead ones' work moving.
 
 - :class:`LoopThread`: one named thread that runs a step function again and again. Every pass
-  is a boundary: an exception of any type is logged (by type only: exception text may carry a
-  dataset value) and the loop carries on. Each pass beats a heartbeat; a step that has been
-  busy for longer than a bound is *stuck*.
+  is a boundary: an exception of any type is logged by :func:`node.redact.safe_reason` (its
+  type and a fixed description: exception text may carry a dataset value) and the loop
+  carries on. Each pass beats a heartbeat; a step busy for longer than a bound is *stuck*.
 - :class:`LeaseBook`: the jobs and outbox items this process holds. The supervisor renews
   their leases while the holder is alive and not stuck, so a lease can be short (tens of
   seconds) and a killed process's work is retried within about one lease.
@@ -26,23 +26,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from node.metrics import Metrics
+from node.redact import safe_reason
 from storage import repo
 from storage.db import Database
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[str], bool]  # (worker id) -> True when it did some work
-
-
-def describe_exception(exc: BaseException) -> str:
-    """A value-free description of an exception: its type and module only.
-
-    Exception messages of pydicom, numpy and the codecs quote the values they failed on (a
-    birth date, a name): they must not reach logs, the API or the database.
-    """
-    kind = type(exc)
-    module = kind.__module__.split(".")[0]
-    return f"{kind.__name__} ({module})" if module not in ("builtins", "node") else kind.__name__
 
 
 class LoopThread:
@@ -90,7 +80,7 @@ class LoopThread:
                 busy = self.step(self.name)
             except Exception as exc:  # noqa: BLE001 - the loop's boundary: no exception ends it
                 self.failures += 1
-                log.error("%s: pass failed with %s; carrying on", self.name, describe_exception(exc))
+                log.error("%s: pass failed with %s; carrying on", self.name, safe_reason(exc))
                 busy = False
             finally:
                 self.busy_since = None
@@ -251,7 +241,7 @@ class Supervisor:
         try:
             self.check_loops()
         except Exception as exc:  # noqa: BLE001 - the supervisor must outlive any failure
-            log.error("supervisor: thread check failed with %s", describe_exception(exc))
+            log.error("supervisor: thread check failed with %s", safe_reason(exc))
         for duty in self._periodic:
             if self.last_tick < duty.due:
                 continue
@@ -259,7 +249,7 @@ class Supervisor:
             try:
                 duty.duty()
             except Exception as exc:  # noqa: BLE001 - e.g. the database is away: next tick
-                log.error("supervisor: %s failed with %s", duty.name, describe_exception(exc))
+                log.error("supervisor: %s failed with %s", duty.name, safe_reason(exc))
 
     # -- health ------------------------------------------------------------------------------
 

@@ -23,7 +23,8 @@ from node.logcontext import ContextFilter, log_context
 from node.metrics import Metrics
 from node.modelset import load_model_set
 from node.outputs import OutputConfig
-from node.supervision import LeaseBook, LoopThread, Supervisor, SupervisorConfig, describe_exception
+from node.redact import safe_reason
+from node.supervision import LeaseBook, LoopThread, Supervisor, SupervisorConfig
 from node.worker import StudyProcessor, WorkerConfig, failure_reason
 from storage import repo
 from storage.config import StorageConfig
@@ -66,7 +67,7 @@ def test_a_loop_thread_survives_any_exception() -> None:
 
 def test_exception_descriptions_carry_no_values() -> None:
     exc = ValueError("Unable to convert '19311231' to 'DA'")
-    assert "19311231" not in describe_exception(exc)
+    assert "19311231" not in safe_reason(exc)
     assert "19311231" not in failure_reason(exc)
     assert failure_reason(exc).startswith("ValueError")
 
